@@ -1,0 +1,1 @@
+"""The runner: `python -m bench ...`."""

@@ -1,0 +1,1 @@
+"""Collation of results into tables, reports and plots (pandas, numpy, seaborn only; no torch)."""
