@@ -113,6 +113,10 @@ class LatentVariableModel(nn.Module):
         """log p(x), [B], where tractable; None otherwise."""
         return None
 
+    def posterior_means(self, x: Tensor) -> dict[str, Tensor] | None:
+        """E_q[z_l | x] per layer, [B, n_l] each (for active units); None where the model has none."""
+        return None
+
     @property
     def objective(self) -> Objective:
         """The objective this variant is trained on; variants override through their config."""

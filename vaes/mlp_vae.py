@@ -62,9 +62,8 @@ class MLPVAE(LatentVariableModel):
         zeros = torch.zeros_like(mean)
         return {"z": diagonal_normal_kl(mean, log_std, zeros, zeros)}
 
-    def posterior_mean(self, x: Tensor) -> Tensor:
-        """E_q[z | x], [B, latent_dim]: what the active-unit statistic is computed from."""
-        return self.encode(x)[0]
+    def posterior_means(self, x: Tensor) -> dict[str, Tensor]:
+        return {"z": self.encode(x)[0]}
 
     def set_output_bias(self, train_mean: Tensor) -> None:
         """Initialise the decoder's output bias to the logit of the mean training pixel (IWAE paper)."""
