@@ -1,0 +1,205 @@
+"""From result rows to summary cells: one quantity (a table column) of one model config,
+first per seed, then combined over seeds.
+
+Combining seeds (documented formula). For a quantity measured with S seeds, seed s giving the
+mean m_s over the n examples of the split with standard error se_s (std/sqrt(n)):
+
+    mean   = (1/S) * sum_s m_s
+    stderr = sqrt( (1/S) * sum_s se_s^2  +  var_s(m) / S )
+
+The first term is the pooled example error (the root mean square of the per-seed stderrs). It is
+not divided by S because every seed is evaluated on the same test examples, so averaging seeds
+does not average away which examples were drawn. The second term is the standard error of the
+mean over seeds, from the spread of the seed means (sample variance, ddof=1; zero when S = 1),
+which carries the training and Monte Carlo variation between seeds. Missing per-seed stderrs
+(n < 2, or throughput) count as zero in the first term; with S = 1 and no stderr the result has
+no stderr (NaN).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from reports.load import ok_rows
+
+BOUND_ESTIMATORS = ("elbo", "iwae")
+MODEL_KEYS = ["dataset", "split", "model", "config_hash"]
+EXACT = "exact"
+
+
+def _bound_column(rows: pd.DataFrame) -> pd.Series:
+    """The table column of a bound row: ELBO, or IWAE_<K>."""
+    iwae = "IWAE_" + rows["k"].astype(str)
+    return iwae.where(rows["estimator"] == "iwae", "ELBO")
+
+
+def _layer(rows: pd.DataFrame) -> pd.Series:
+    """The layer named after the '/' of a metric ('kl/z_1' -> 'z_1'); '' without one."""
+    return rows["metric"].str.partition("/")[2]
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """How one kind of summary cell is found among the result rows and which column it fills."""
+    match: Callable[[pd.DataFrame], pd.Series]
+    column: Callable[[pd.DataFrame], pd.Series]
+
+
+QUANTITIES: dict[str, Quantity] = {
+    "bound": Quantity(
+        match=lambda r: ((r["estimator"] == "elbo") & (r["metric"] == "elbo"))
+        | ((r["estimator"] == "iwae") & (r["metric"] == "iwae")),
+        column=_bound_column,
+    ),
+    "log_marginal": Quantity(
+        match=lambda r: (r["estimator"] == "log_marginal") & (r["metric"] == "log_marginal"),
+        column=lambda r: pd.Series("log p(x)", index=r.index),
+    ),
+    "kl": Quantity(
+        match=lambda r: (r["estimator"] == "kl_terms") & r["metric"].str.startswith("kl/"),
+        column=lambda r: "KL " + _layer(r),
+    ),
+    # the total over layers as measured (its stderr from the per-example sums)
+    "kl_total": Quantity(
+        match=lambda r: (r["estimator"] == "kl_terms") & (r["metric"] == "kl"),
+        column=lambda r: pd.Series("KL total", index=r.index),
+    ),
+    "active_units": Quantity(
+        match=lambda r: (r["estimator"] == "active_units")
+        & ((r["metric"] == "active_units") | r["metric"].str.startswith("active_units/")),
+        column=lambda r: ("AU " + _layer(r)).str.strip(),
+    ),
+    # throughput of a bound on a device: column "<bound column>@<device>"
+    "throughput": Quantity(
+        match=lambda r: (r["metric"] == "throughput") & r["estimator"].isin(BOUND_ESTIMATORS),
+        column=lambda r: _bound_column(r) + "@" + r["device"].astype(str),
+    ),
+}
+
+
+def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model config, seed, column) from the ok rows, with its kind and layer.
+
+    Where one quantity was measured several ways for one seed, the best measurement is kept:
+    an exact value over an estimate, then the largest k (more samples, same quantity: ELBO with
+    more samples, log p(x) with larger K). Repeats at the same k (several run directories or
+    devices) are averaged.
+    """
+    rows = ok_rows(df)
+    rows = rows[rows["value"].notna()]
+    pieces = []
+    for kind, quantity in QUANTITIES.items():
+        matched = rows[quantity.match(rows).fillna(False).astype(bool)].copy()
+        if matched.empty:
+            continue
+        matched["kind"] = kind
+        matched["column"] = quantity.column(matched)
+        matched["layer"] = _layer(matched)
+        pieces.append(matched)
+    if not pieces:
+        return pd.DataFrame(columns=[*MODEL_KEYS, "seed", "column", "kind", "value", "stderr"])
+    cells = pd.concat(pieces, ignore_index=True)
+    cells["is_exact"] = cells["method"] == EXACT
+    cells["k_rank"] = cells["k"].astype(float).fillna(np.inf)  # exact values have no k
+    keys = [*MODEL_KEYS, "seed", "column"]
+    cells = cells.sort_values([*keys, "is_exact", "k_rank"])
+    best = cells.groupby(keys, dropna=False)[["is_exact", "k_rank"]].transform("last")
+    cells = cells[(cells["is_exact"] == best["is_exact"]) & (cells["k_rank"] == best["k_rank"])]
+    return (
+        cells.groupby(keys, dropna=False, sort=False)
+        .agg(
+            value=("value", "mean"),
+            stderr=("stderr", lambda s: float(np.sqrt(np.mean(np.square(s)))) if s.notna().any() else np.nan),
+            kind=("kind", "first"), layer=("layer", "first"), k=("k", "first"), method=("method", "first"),
+            estimator=("estimator", "first"), device=("device", "first"),
+            config_key=("config_key", "first"), model_config=("model_config", "first"),
+        )
+        .reset_index()
+    )
+
+
+def combine_seeds(values: np.ndarray, stderrs: np.ndarray) -> tuple[float, float]:
+    """(mean, stderr) over seeds by the formula in this module's docstring."""
+    values = np.asarray(values, dtype=float)
+    stderrs = np.asarray(stderrs, dtype=float)
+    n_seeds = len(values)
+    mean = float(values.mean())
+    has_stderr = bool(np.isfinite(stderrs).any())
+    if n_seeds == 1 and not has_stderr:
+        return mean, float("nan")
+    pooled = float(np.mean(np.nan_to_num(stderrs, nan=0.0) ** 2))
+    spread = float(values.var(ddof=1)) / n_seeds if n_seeds > 1 else 0.0
+    return mean, float(np.sqrt(pooled + spread))
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model config, column): mean and stderr over seeds, n_seeds, and the model's label."""
+    per_seed = per_seed_cells(df)
+    if per_seed.empty:
+        return per_seed.assign(n_seeds=pd.Series(dtype=int), label=pd.Series(dtype=str))
+    groups = per_seed.groupby([*MODEL_KEYS, "column"], dropna=False, sort=False)
+    records = []
+    for _, group in groups:
+        mean, stderr = combine_seeds(group["value"].to_numpy(), group["stderr"].to_numpy())
+        first = group.iloc[0]
+        records.append({**first.drop(["seed", "value", "stderr"]).to_dict(),
+                        "value": mean, "stderr": stderr, "n_seeds": group["seed"].nunique()})
+    summary = pd.DataFrame.from_records(records)
+    labels = model_labels(summary)
+    summary["label"] = [labels[key] for key in zip(summary["dataset"], summary["model"], summary["config_hash"])]
+    return summary
+
+
+def _natural_key(value: object) -> tuple:
+    """Sort key that orders numbers numerically and 'z_2' before 'z_10'."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(value)))
+
+
+def _config_sort_key(config: dict) -> tuple:
+    return tuple((key, _natural_key(config[key])) for key in sorted(config))
+
+
+def _short_value(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def model_labels(summary: pd.DataFrame) -> dict[tuple[str, str, str], str]:
+    """(dataset, model, config_hash) -> row label: the model name, plus the config overrides that
+    differ between its configs when one dataset has several configs of that model."""
+    labels = {}
+    configs = summary.drop_duplicates(["dataset", "model", "config_hash"])
+    for (dataset, model), group in configs.groupby(["dataset", "model"], sort=False):
+        if len(group) == 1:
+            labels[(dataset, model, group["config_hash"].iloc[0])] = model
+            continue
+        dicts = list(group["model_config"])
+        keys = sorted({key for config in dicts for key in config})
+        varying = [key for key in keys if len({repr(config.get(key)) for config in dicts}) > 1]
+        for config_hash, config in zip(group["config_hash"], dicts):
+            parts = [f"{key}={_short_value(config[key])}" for key in varying if key in config]
+            labels[(dataset, model, config_hash)] = f"{model} ({', '.join(parts) if parts else 'default'})"
+        if len({labels[(dataset, model, h)] for h in group["config_hash"]}) < len(group):
+            for config_hash in group["config_hash"]:  # labels collide: fall back to the hash
+                labels[(dataset, model, config_hash)] = f"{model} ({str(config_hash)[:8]})"
+    return labels
+
+
+def sort_models(summary: pd.DataFrame) -> list[str]:
+    """Row labels in a stable order: by model name, then by config values (numbers numerically)."""
+    configs = summary.drop_duplicates("label")
+    order = sorted(zip(configs["model"], configs["model_config"], configs["label"]),
+                   key=lambda item: (item[0], _config_sort_key(item[1])))
+    return [label for _, _, label in order]
+
+
+def natural_sorted(values) -> list:
+    return sorted(values, key=_natural_key)
+
+
+def bound_order(column: str) -> tuple[bool, int]:
+    """ELBO first, then IWAE_K by K."""
+    return column != "ELBO", int(column.partition("_")[2] or 0)

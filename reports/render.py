@@ -1,0 +1,114 @@
+"""Writers of the comparison tables: Markdown, LaTeX (booktabs), HTML fragments, and tidy CSV.
+Each writer takes the tables and returns text; the best entry of a column is bold."""
+from __future__ import annotations
+
+import html
+import io
+
+import pandas as pd
+
+from reports.formatting import cell_parts, plain_text
+from reports.table import ComparisonTable
+
+NOTE_COLUMNS = {"log p(x)": "log p(x) from", "gap": "gap to"}
+
+
+def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], list[list[str]]]:
+    """Header and body rows of a table, each cell rendered by the given functions; the
+    log p(x) source and the bound the gap is taken to follow their columns as short notes."""
+    header = ["model"]
+    for column in table.columns:
+        header.append(column.id)
+        if column.id in NOTE_COLUMNS:
+            header.append(NOTE_COLUMNS[column.id])
+    body = []
+    for row in table.rows:
+        line = [row]
+        for column in table.columns:
+            try:
+                cell = table.cell(row, column.id)
+            except KeyError:
+                cell = None
+            line.append("" if cell is None else render_cell(cell, table.unit))
+            if column.id in NOTE_COLUMNS:
+                line.append("" if cell is None else render_note(cell["note"]))
+        body.append(line)
+    return header, body
+
+
+# ---- Markdown
+
+def _md_cell(cell: pd.Series, unit: str) -> str:
+    text = plain_text(cell, unit)
+    return f"**{text}**" if cell["best"] else text
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def markdown_table(table: ComparisonTable) -> str:
+    header, body = _grid(table, _md_cell, str)
+    lines = ["| " + " | ".join(map(_md_escape, header)) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(map(_md_escape, line)) + " |" for line in body]
+    return "\n".join(lines)
+
+
+# ---- LaTeX (booktabs)
+
+TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(TEX_SPECIALS.get(char, char) for char in str(text))
+
+
+def _tex_cell(cell: pd.Series, unit: str) -> str:
+    value, stderr = cell_parts(cell, unit)
+    text = f"${value}$" if stderr is None else f"${value} \\pm {stderr}$"
+    return f"\\textbf{{{text}}}" if cell["best"] else text
+
+
+def latex_table(table: ComparisonTable) -> str:
+    header, body = _grid(table, _tex_cell, tex_escape)
+    lines = [
+        r"\begin{table}[ht]", r"\centering", r"\small",
+        f"\\caption{{{tex_escape(table.title)}; mean $\\pm$ standard error over examples and seeds, best in bold}}",
+        r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+        " & ".join(map(tex_escape, header)) + r" \\", r"\midrule",
+    ]
+    lines += [" & ".join([tex_escape(line[0]), *line[1:]]) + r" \\" for line in body]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+# ---- HTML
+
+def _html_cell(cell: pd.Series, unit: str) -> str:
+    text = html.escape(plain_text(cell, unit))
+    return f"<strong>{text}</strong>" if cell["best"] else text
+
+
+def html_table(table: ComparisonTable) -> str:
+    header, body = _grid(table, _html_cell, html.escape)
+    out = [f"<table class=\"comparison\">\n<caption>{html.escape(table.title)}</caption>",
+           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
+    out += ["<tr><th>" + html.escape(line[0]) + "</th>" + "".join(f"<td>{c}</td>" for c in line[1:]) + "</tr>"
+            for line in body]
+    out.append("</tbody>\n</table>")
+    return "\n".join(out)
+
+
+# ---- CSV (tidy: one row per cell, numbers unformatted)
+
+CSV_COLUMNS = ["dataset", "split", "unit", "model", "column", "kind", "value", "stderr", "note", "best"]
+
+
+def tables_csv(tables: list[ComparisonTable]) -> str:
+    frames = [t.cells.rename(columns={"row": "model"}).assign(dataset=t.dataset, split=t.split, unit=t.unit)
+              for t in tables]
+    buffer = io.StringIO()
+    pd.concat(frames, ignore_index=True)[CSV_COLUMNS].to_csv(buffer, index=False)
+    return buffer.getvalue()

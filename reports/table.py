@@ -1,0 +1,189 @@
+"""The comparison table: model configs as rows, bounds and diagnostics as columns, one table
+per (dataset, split) and unit (nats per example; bits/dim too for image datasets)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from reports.cells import bound_order, natural_sorted, sort_models, summarize
+from reports.units import BITS_PER_DIM, BITS_SIGN, NATS, image_dims, nats_to_bits_per_dim
+
+# Above this many KL layers (a VDM's z_1..z_T) the table shows their sum; the plot shows the profile.
+MAX_KL_COLUMNS = 6
+
+# Which way is better, per kind of column, in nats (None: neither, nothing is marked).
+BETTER: dict[str, str] = {"bound": "max", "log_marginal": "max", "gap": "min", "throughput": "max"}
+FLIPPED = {"max": "min", "min": "max"}
+
+
+@dataclass(frozen=True)
+class Column:
+    id: str          # the column header, e.g. "IWAE_5"
+    kind: str        # bound | log_marginal | note | gap | kl | active_units | throughput | seeds
+    better: str | None
+
+
+@dataclass
+class ComparisonTable:
+    dataset: str
+    split: str
+    unit: str                 # "nats" or "bits/dim"
+    rows: list[str]           # model labels, in order
+    columns: list[Column]
+    cells: pd.DataFrame       # columns: row, column, kind, value, stderr, note, best
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset} ({self.split}), {UNIT_CAPTIONS[self.unit]}"
+
+    def cell(self, row: str, column: str) -> pd.Series:
+        """The cell at (row label, column id); KeyError when the table has none there."""
+        found = self.cells[(self.cells["row"] == row) & (self.cells["column"] == column)]
+        if found.empty:
+            raise KeyError((row, column))
+        return found.iloc[0]
+
+
+UNIT_CAPTIONS = {
+    NATS: "nats per example (bounds and log p(x): higher is better)",
+    BITS_PER_DIM: "bits/dim (bounds and log p(x) as negative log-likelihood: lower is better)",
+}
+
+
+def _kl_cells(s: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """KL cells and their column ids. A model with at most MAX_KL_COLUMNS layers gets a column per
+    layer; one with more (a VDM's z_1..z_T) gets only "KL total" (the plot shows the profile): the
+    measured total where the results hold one, else the sum of its layers with the sum of their
+    stderrs (the bound for fully correlated layers, as all are measured on the same examples)."""
+    kl = s[s["kind"] == "kl"].assign(note="")
+    n_layers = kl.groupby("label")["column"].transform("size")
+    few = kl[n_layers <= MAX_KL_COLUMNS]
+    many = kl[n_layers > MAX_KL_COLUMNS]
+    measured = s[(s["kind"] == "kl_total") & s["label"].isin(set(many["label"]))].assign(note="measured total")
+    summed = (many[~many["label"].isin(set(measured["label"]))].groupby("label", sort=False)
+              .agg(value=("value", "sum"), stderr=("stderr", "sum"), n_layers=("column", "size"))
+              .reset_index())
+    summed = summed.assign(column="KL total", kind="kl_total",
+                           note=summed["n_layers"].map(lambda n: f"sum of {n} layers"))
+    totals = pd.concat([measured, summed], ignore_index=True)
+    columns = natural_sorted(few["column"].unique()) + (["KL total"] if not totals.empty else [])
+    return pd.concat([few, totals], ignore_index=True), columns
+
+
+def _active_unit_cells(s: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Active units: the total ("AU") for every model; per layer too for models with several layers."""
+    au = s[s["kind"] == "active_units"].assign(note="")
+    per_layer = au[au["column"] != "AU"]
+    several = per_layer.groupby("label")["column"].transform("size") > 1
+    cells = pd.concat([au[au["column"] == "AU"], per_layer[several]], ignore_index=True)
+    return cells, natural_sorted(cells["column"].unique())
+
+
+def _gap_and_throughput(s: pd.DataFrame, rows: list[str]) -> tuple[list[dict], list[str]]:
+    """gap = log p(x) - tightest bound, and the tightest bound's throughput on each device.
+    The gap's stderr is sqrt(se_logp^2 + se_bound^2): both are measured on the same examples and
+    positively correlated, so this is on the safe (wide) side."""
+    cells = []
+    devices = sorted(s.loc[s["kind"] == "throughput", "device"].dropna().unique())
+    for row in rows:
+        mine = s[s["label"] == row]
+        bounds = mine[mine["kind"] == "bound"]
+        if bounds.empty:
+            continue
+        tightest = bounds.loc[bounds["value"].idxmax()]
+        logp = mine[mine["kind"] == "log_marginal"]
+        if not logp.empty:
+            lp = logp.iloc[0]
+            cells.append({"row": row, "column": "gap", "kind": "gap", "value": lp["value"] - tightest["value"],
+                          "stderr": float(np.hypot(lp["stderr"], tightest["stderr"])),
+                          "note": f"to {tightest['column']}"})
+        for device in devices:
+            found = mine[mine["column"] == f"{tightest['column']}@{device}"]
+            if not found.empty:
+                cells.append({"row": row, "column": f"samples/s ({device})", "kind": "throughput",
+                              "value": found["value"].iloc[0], "stderr": found["stderr"].iloc[0],
+                              "note": f"at {tightest['column']}"})
+    return cells, [f"samples/s ({device})" for device in devices]
+
+
+def _log_marginal_note(cell: pd.Series) -> str:
+    if cell["method"] == "exact":
+        return "exact"
+    return f"IWAE-{int(cell['k'])} estimate" if pd.notna(cell["k"]) else f"{cell['method']} estimate"
+
+
+def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
+    rows = sort_models(s)
+    bounds = s[s["kind"] == "bound"]
+    bound_ids = sorted(bounds["column"].unique(), key=bound_order)
+    keep = s[s["kind"].isin(["bound", "log_marginal"])].copy()
+    keep["note"] = ""
+    logp = keep["kind"] == "log_marginal"
+    keep.loc[logp, "note"] = keep[logp].apply(_log_marginal_note, axis=1)
+    kl, kl_ids = _kl_cells(s)
+    au, au_ids = _active_unit_cells(s)
+    derived, throughput_ids = _gap_and_throughput(s, rows)
+    seeds = s.groupby("label", sort=False)["n_seeds"].max().reset_index()
+    seeds = seeds.rename(columns={"label": "row", "n_seeds": "value"}).assign(column="seeds", kind="seeds", stderr=np.nan, note="")
+    cells = pd.concat([
+        seeds,
+        keep.rename(columns={"label": "row"}),
+        kl.rename(columns={"label": "row"}),
+        au.rename(columns={"label": "row"}),
+        pd.DataFrame.from_records(derived, columns=["row", "column", "kind", "value", "stderr", "note"]),
+    ], ignore_index=True)[["row", "column", "kind", "value", "stderr", "note"]]
+    cells["value"] = cells["value"].astype(float)
+    cells["stderr"] = cells["stderr"].astype(float)
+    column_ids = ["seeds", *bound_ids]
+    if logp.any():
+        column_ids += ["log p(x)"] + (["gap"] if (cells["column"] == "gap").any() else [])
+    column_ids += kl_ids + au_ids + throughput_ids
+    kinds = cells.drop_duplicates("column").set_index("column")["kind"]
+    columns = [Column(c, kinds[c], BETTER.get(kinds[c])) for c in column_ids]
+    return ComparisonTable(dataset, split, NATS, rows, columns, cells)
+
+
+def to_bits_per_dim(table: ComparisonTable, dims: int) -> ComparisonTable:
+    """The same table in bits/dim: log-likelihoods become NLLs (-v / (D ln 2)), gap and KL scale by
+    1 / (D ln 2), stderrs scale by 1 / (D ln 2); counts and throughput stay as they are."""
+    cells = table.cells.copy()
+    for kind, sign in BITS_SIGN.items():
+        mine = cells["kind"] == kind
+        converted = [nats_to_bits_per_dim(v, e, dims, sign) for v, e in zip(cells.loc[mine, "value"], cells.loc[mine, "stderr"])]
+        if converted:
+            cells.loc[mine, ["value", "stderr"]] = np.array(converted, dtype=float)
+    columns = [Column(c.id, c.kind, FLIPPED[c.better] if c.better and BITS_SIGN.get(c.kind, 1.0) < 0 else c.better)
+               for c in table.columns]
+    return ComparisonTable(table.dataset, table.split, BITS_PER_DIM, table.rows, columns, cells)
+
+
+def mark_best(table: ComparisonTable) -> ComparisonTable:
+    """Set cells["best"]: the highest (or lowest, per column) value of each marked column; ties all marked."""
+    best = pd.Series(False, index=table.cells.index)
+    for column in table.columns:
+        if column.better is None:
+            continue
+        mine = table.cells[(table.cells["column"] == column.id) & table.cells["value"].notna()]
+        if mine.empty:
+            continue
+        extreme = mine["value"].max() if column.better == "max" else mine["value"].min()
+        best[mine.index[np.isclose(mine["value"], extreme, rtol=1e-12, atol=0.0)]] = True
+    table.cells["best"] = best
+    return table
+
+
+def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
+    """Every comparison table of a results frame: per (dataset, split) in nats, and in bits/dim for images."""
+    summary = summarize(df)
+    tables = []
+    if summary.empty:
+        return tables
+    for (dataset, split), s in summary.groupby(["dataset", "split"], sort=True):
+        nats = _nats_table(s, dataset, split)
+        tables.append(mark_best(nats))
+        dims = image_dims(dataset)
+        if dims is not None:
+            tables.append(mark_best(to_bits_per_dim(nats, dims)))
+    return tables
