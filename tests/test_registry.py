@@ -73,8 +73,14 @@ def test_descriptions_are_one_line():
 # --- every registered model ---------------------------------------------------------------------
 
 def tiny_batch(model: vaes.LatentVariableModel, n: int) -> torch.Tensor:
-    """Data of the kind the model's config declares: binary for Bernoulli, real otherwise."""
+    """Data of the kind the model's config declares: binary for Bernoulli, real otherwise.
+
+    A model of a known data distribution (the VDM oracle's mixture) gets draws from it:
+    its exact log p(x) is that density, which bounds the ELBO only on average over it.
+    """
     config = model.config
+    if hasattr(model, "mixture"):
+        return model.mixture.sample(n, torch.Generator().manual_seed(0)).float()
     shape = (n, config.data_dim)
     if getattr(config, "likelihood", "gaussian") == "bernoulli":
         return (torch.rand(shape) > 0.5).float()

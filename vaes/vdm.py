@@ -1,0 +1,315 @@
+"""Variational Diffusion Models (Kingma et al. 2021): a fixed Gaussian forward process, a learned reverse one.
+
+Forward process on the signal y(x) (x itself for real data, 2x - 1 for binary):
+    q(z_t | x) = N(alpha_t y, sigma_t^2 I),  alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)).
+Discrete time with n steps has latents z_0, z_{1/n}, ..., z_1 (layers "z0".."z<n>",
+"z<i>" living at time i/n), the posterior is the forward process sampled
+ancestrally, q(z_1 | x) then q(z_s | z_t, x) with s = t - 1/n, and the model is
+    p(z_1) = N(0, I),  p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)),  p(x | z_0) (decoder below),
+    x_hat(z_t) from the noise prediction eps_hat(z_t, t): y_hat = (z_t - sigma_t eps_hat) / alpha_t.
+So ``log_weights`` is an ordinary importance weight over whole trajectories and every
+shared estimator (ELBO, IWAE-K) applies. ``diffusion_loss_terms`` gives the same ELBO
+faster: each step's KL given z_t is 1/2 (exp(gamma_t - gamma_s) - 1) ||eps - eps_hat||^2,
+so the T-step sum is L_T = T/2 E_i[...] and its T -> infinity limit L_inf = 1/2 E_t[gamma'(t) ||...||^2].
+
+Decoders p(x | z_0), both without parameters:
+- Bernoulli: binary x is coded as y = 2x - 1 in {-1, +1} (a coding of a discrete
+  variable, so the bound on log P(x) keeps its units). The logit is the exact
+  posterior log-odds of y = +1 against -1 under a uniform prior given z_0:
+  logit = 2 alpha_0 z_0 / sigma_0^2 = 2 SNR(0) z_0 / alpha_0.
+- Gaussian: N(x; z_0 / alpha_0, exp(gamma_0) I), i.e. the forward noise at t = 0
+  mapped back to data scale (sigma_0^2 / alpha_0^2 = exp(gamma_0)). Real data is not rescaled.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    LatentVariableModel,
+    LogWeights,
+    Objective,
+    check_k,
+    diagonal_normal_kl,
+    diagonal_normal_log_prob,
+    standard_normal_log_prob,
+)
+from .layers import BernoulliLikelihood, mlp
+from .registry import register_model
+from .schedules import SCHEDULES, NoiseSchedule, alpha_sigma_squared
+
+# --- how data enters the diffusion and how z_0 gives it back ---------------------------------------
+
+
+@dataclass(frozen=True)
+class DataCoding:
+    to_signal: Callable[[Tensor], Tensor]  # x [B, D] -> y [B, D], the signal the forward process noises
+    log_likelihood: Callable[[Tensor, Tensor, Tensor], Tensor]  # (x [B, D], z_0 [..., B, D], gamma_0 []) -> [..., B]
+
+
+def _bernoulli_log_likelihood(x: Tensor, z0: Tensor, gamma0: Tensor) -> Tensor:
+    alpha2, sigma2 = alpha_sigma_squared(gamma0)
+    logits = 2 * torch.sqrt(alpha2) / sigma2 * z0
+    return BernoulliLikelihood().log_prob(x.to(logits.dtype), logits)
+
+
+def _gaussian_log_likelihood(x: Tensor, z0: Tensor, gamma0: Tensor) -> Tensor:
+    alpha2, _ = alpha_sigma_squared(gamma0)
+    log_std = (gamma0 / 2).expand(x.shape[-1])
+    return diagonal_normal_log_prob(x.to(z0.dtype), z0 / torch.sqrt(alpha2), log_std)
+
+
+DATA_CODINGS: dict[str, DataCoding] = {
+    "bernoulli": DataCoding(lambda x: 2 * x - 1, _bernoulli_log_likelihood),
+    "gaussian": DataCoding(lambda x: x, _gaussian_log_likelihood),
+}
+
+
+# --- discrete and continuous time: where the loss is evaluated and how it is weighted ---------------
+
+@dataclass(frozen=True)
+class TimeMode:
+    # steps of the discrete trajectory that ``log_weights`` samples
+    trajectory_steps: Callable[["DiffusionConfig"], int]
+    # (u ~ U[0, 1) [S, B], schedule, steps) -> (t [S, B], w [S, B]); the loss draw is w ||eps - eps_hat(z_t, t)||^2
+    time_and_weight: Callable[[Tensor, NoiseSchedule, int], tuple[Tensor, Tensor]]
+
+
+def _discrete_time_and_weight(u: Tensor, schedule: NoiseSchedule, steps: int) -> tuple[Tensor, Tensor]:
+    # Step i uniform on 1..T: L_T = T/2 E_i[(exp(gamma(t_i) - gamma(t_i - 1/T)) - 1) ||eps - eps_hat||^2].
+    i = torch.clamp(torch.floor(u * steps), max=steps - 1) + 1
+    t, s = i / steps, (i - 1) / steps
+    return t, steps / 2 * torch.expm1(schedule.gamma(t) - schedule.gamma(s))
+
+
+def _continuous_time_and_weight(u: Tensor, schedule: NoiseSchedule, steps: int) -> tuple[Tensor, Tensor]:
+    # L_inf = 1/2 E_{t ~ U(0, 1)}[gamma'(t) ||eps - eps_hat||^2]; ``steps`` is not used.
+    return u, schedule.derivative(u) / 2
+
+
+TIMES: dict[str, TimeMode] = {
+    "discrete": TimeMode(lambda config: config.steps, _discrete_time_and_weight),
+    # log_weights of a continuous-time model samples the discretization with log_weights_steps steps
+    "continuous": TimeMode(lambda config: config.log_weights_steps, _continuous_time_and_weight),
+}
+
+
+# --- configuration ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Settings shared by every diffusion model (the learned one and the closed-form oracle)."""
+
+    data_dim: int = 784  # binarized MNIST, as the VAEs
+    likelihood: str = "bernoulli"  # "bernoulli" for binary data, "gaussian" for real-valued data
+    time: str = "discrete"  # "discrete": the T-step model (its log_weights and L_T agree); "continuous": L_inf
+    steps: int = 32  # T of discrete time: log_weights costs T denoiser calls per draw, affordable on 2 cores
+    log_weights_steps: int = 32  # used only with time="continuous": the discretization log_weights/IWAE sample
+    schedule: str = "linear"  # gamma(t) linear between the end points, as in the VDM paper
+    gamma_min: float = -13.3  # gamma(0): VDM paper's value (SNR(0) ~ 6e5, decoder nearly exact)
+    gamma_max: float = 5.0  # gamma(1): VDM paper's value (alpha_1^2 ~ 0.007, prior term small)
+    learn_endpoints: bool = True  # VDM paper learns gamma_min, gamma_max with the ELBO
+
+    def __post_init__(self) -> None:
+        if self.time not in TIMES:
+            raise ValueError(f"unknown time {self.time!r}; choices: {', '.join(sorted(TIMES))}")
+        if self.likelihood not in DATA_CODINGS:
+            raise ValueError(f"unknown likelihood {self.likelihood!r}; choices: {', '.join(sorted(DATA_CODINGS))}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {self.schedule!r}; choices: {', '.join(sorted(SCHEDULES))}")
+        for name in ("data_dim", "steps", "log_weights_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.gamma_min < self.gamma_max:
+            raise ValueError(f"need gamma_min < gamma_max, got {self.gamma_min} and {self.gamma_max}")
+
+
+@dataclass(frozen=True)
+class VDMConfig(DiffusionConfig):
+    hidden: tuple[int, ...] = (128, 128)  # small: T network calls per log_weights draw on 2 CPU cores
+    activation: str = "silu"  # smooth in z and t, as in the VDM score network
+    fourier_features: int = 8  # sin/cos of t at frequencies pi * 2^j, j < 8: resolves steps of 1/256
+    objective: Objective = field(default_factory=Objective)  # ELBO over whole trajectories (log_weights)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "hidden", tuple(self.hidden))  # TOML/JSON give lists
+        if any(h < 1 for h in self.hidden) or self.fourier_features < 0:
+            raise ValueError(f"VDMConfig sizes must be positive: hidden={self.hidden}, "
+                             f"fourier_features={self.fourier_features}")
+
+
+# --- per-example loss terms -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiffusionLossTerms:
+    """The ELBO's three parts per example, nats; ELBO = reconstruction - prior - diffusion."""
+
+    reconstruction: Tensor  # [B] E_q[log p(x | z_0)] (Monte Carlo)
+    prior: Tensor  # [B] KL(q(z_1 | x) || N(0, I)) (closed form)
+    diffusion: Tensor  # [B] denoising matching: L_T (discrete time) or L_inf (continuous), Monte Carlo
+    reconstruction_stderr: Tensor | None  # [B], None for one draw
+    diffusion_stderr: Tensor | None  # [B], None for one draw; conservative (time draws are stratified)
+
+    @property
+    def elbo(self) -> Tensor:
+        return self.reconstruction - self.prior - self.diffusion
+
+    @property
+    def stderr(self) -> Tensor | None:
+        """Standard error of ``elbo`` per example (the two Monte Carlo parts use independent draws)."""
+        if self.diffusion_stderr is None:
+            return None
+        return torch.sqrt(self.reconstruction_stderr.pow(2) + self.diffusion_stderr.pow(2))
+
+
+def _mean_and_stderr(draws: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Mean over the draw dimension of [S, B] and its standard error (None for S = 1)."""
+    mean = draws.mean(0)
+    assert mean.shape == draws.shape[1:], mean.shape
+    if draws.shape[0] < 2:
+        return mean, None
+    return mean, draws.std(0, unbiased=True) / math.sqrt(draws.shape[0])
+
+
+def _normal_log_prob_of_noise(noise: Tensor, log_std: Tensor) -> Tensor:
+    """log N(m + s * noise; m, s^2 I) for a scalar s = exp(log_std), summed over the last dimension."""
+    return standard_normal_log_prob(noise) - noise.shape[-1] * log_std
+
+
+# --- the noise-prediction network -------------------------------------------------------------------
+
+class NoisePredictionMLP(nn.Module):
+    """eps_hat(z_t, t): an MLP on [z_t, sin(pi 2^j t), cos(pi 2^j t)]; float64 in and out, its own dtype inside."""
+
+    def __init__(self, config: VDMConfig):
+        super().__init__()
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(config.fourier_features))
+        sizes = (config.data_dim + 2 * config.fourier_features, *config.hidden, config.data_dim)
+        self.net = mlp(sizes, config.activation, final_activation=False)
+        with torch.no_grad():  # start from eps_hat = 0: a finite, schedule-only loss before training
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+        self.floats_per_row = sum(sizes)  # activations of one row, for memory estimates
+
+    def forward(self, z: Tensor, t: Tensor, gamma: Tensor) -> Tensor:
+        dtype = self.net[0].weight.dtype
+        angles = t.to(dtype)[..., None] * self.frequencies.to(dtype)
+        features = torch.cat([z.to(dtype), torch.sin(angles), torch.cos(angles)], dim=-1)
+        return self.net(features).double()
+
+
+# --- the model ------------------------------------------------------------------------------------------
+
+class DiffusionModel(LatentVariableModel):
+    """A VDM with any denoiser: ``denoiser(z_t [..., D], t [...], gamma_t [...]) -> eps_hat [..., D]`` (float64).
+
+    The learned ``vdm`` plugs in an MLP; ``vdm-oracle`` the closed-form optimal denoiser.
+    Stochastic quantities are float64 (the schedule's small steps need it).
+    """
+
+    def __init__(self, config: DiffusionConfig, denoiser: nn.Module):
+        super().__init__()
+        self.config = config
+        self.denoiser = denoiser
+        self.schedule = NoiseSchedule(config.schedule, config.gamma_min, config.gamma_max,
+                                      learnable=config.learn_endpoints)
+        self.coding = DATA_CODINGS[config.likelihood]
+        self.time_mode = TIMES[config.time]
+        n = self.trajectory_steps
+        self.layers = tuple(f"z{i}" for i in range(n, -1, -1))  # the order q samples them: z_1 first
+
+    @property
+    def trajectory_steps(self) -> int:
+        """Number of steps n of the discrete trajectory that ``log_weights`` samples."""
+        return self.time_mode.trajectory_steps(self.config)
+
+    def _signal(self, x: Tensor) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.coding.to_signal(x.double())
+
+    def log_weights(self, x: Tensor, k: int) -> LogWeights:
+        check_k(k)
+        y = self._signal(x)  # [B, D]
+        n = self.trajectory_steps
+        times = torch.arange(n + 1, dtype=torch.float64, device=y.device) / n
+        gammas = self.schedule.gamma(times)  # [n + 1]
+        alpha2, sigma2 = alpha_sigma_squared(gammas)
+        alpha, log_sigma = torch.sqrt(alpha2), torch.log(sigma2) / 2
+        eps = torch.randn((k, *y.shape), dtype=torch.float64, device=y.device)
+        z = alpha[n] * y + torch.exp(log_sigma[n]) * eps  # z_1 ~ q(z_1 | x), [K, B, D]
+        log_prior = {self.layers[0]: standard_normal_log_prob(z)}
+        log_posterior = {self.layers[0]: _normal_log_prob_of_noise(eps, log_sigma[n])}
+        rows = z.shape[:-1]
+        for i in range(n, 0, -1):
+            # q(z_s | z_t, x) = N((alpha_s/alpha_t)(z_t - sigma_t c eps), sigma_s^2 c), c = 1 - exp(gamma_s - gamma_t),
+            # with eps the true noise (z_t - alpha_t y)/sigma_t; p(z_s | z_t) puts eps_hat in its place.
+            c = -torch.expm1(gammas[i - 1] - gammas[i])
+            sigma_t = torch.exp(log_sigma[i])
+            eps_true = (z - alpha[i] * y) / sigma_t
+            eps_hat = self.denoiser(z, times[i].expand(rows), gammas[i].expand(rows))
+            ratio = alpha[i - 1] / alpha[i]
+            log_std = log_sigma[i - 1] + torch.log(c) / 2
+            noise = torch.randn_like(z)
+            mean_shift = ratio * sigma_t * c * (eps_hat - eps_true) / torch.exp(log_std)  # (mean_q - mean_p) / std
+            z = ratio * (z - sigma_t * c * eps_true) + torch.exp(log_std) * noise
+            name = f"z{i - 1}"
+            log_posterior[name] = _normal_log_prob_of_noise(noise, log_std)
+            log_prior[name] = _normal_log_prob_of_noise(noise + mean_shift, log_std)
+        log_likelihood = self.coding.log_likelihood(x, z, gammas[0])
+        return LogWeights(log_likelihood, log_prior, log_posterior)
+
+    def prior_kl(self, x: Tensor) -> Tensor:
+        """KL(q(z_1 | x) || N(0, I)) in closed form, [B]."""
+        y = self._signal(x)
+        alpha2, sigma2 = alpha_sigma_squared(self.schedule.gamma(torch.ones((), dtype=torch.float64)))
+        zeros = torch.zeros_like(y)
+        return diagonal_normal_kl(torch.sqrt(alpha2) * y, (torch.log(sigma2) / 2).expand_as(y), zeros, zeros)
+
+    def diffusion_loss_terms(self, x: Tensor, *, samples: int = 1,
+                             generator: torch.Generator | None = None) -> DiffusionLossTerms:
+        """Reconstruction, prior and diffusion parts of the ELBO per example (differentiable).
+
+        The diffusion part is L_T (time "discrete", T = ``steps``) or L_inf (time
+        "continuous"), estimated with ``samples`` draws per example whose times are
+        stratified, t_j = (u + j / S) mod 1 with one u ~ U[0, 1) per example (the VDM
+        paper's low-discrepancy sampler, per example): unbiased, with lower variance
+        than independent times; the reported stderr treats the draws as independent,
+        so it errs on the large side. The same ``generator`` seed gives the same u and
+        noises for every T (common random numbers for comparing T).
+        """
+        check_k(samples)
+        y = self._signal(x)
+        batch, dim = y.shape
+        opts = dict(dtype=torch.float64, device=y.device, generator=generator)
+        offset = torch.rand(batch, **opts)
+        u = torch.remainder(offset + torch.arange(samples, dtype=torch.float64, device=y.device)[:, None] / samples, 1.0)
+        t, weight = self.time_mode.time_and_weight(u, self.schedule, self.config.steps)  # [S, B]
+        gamma_t = self.schedule.gamma(t)
+        alpha2, sigma2 = alpha_sigma_squared(gamma_t)
+        eps = torch.randn((samples, batch, dim), **opts)
+        z_t = torch.sqrt(alpha2)[..., None] * y + torch.sqrt(sigma2)[..., None] * eps
+        eps_hat = self.denoiser(z_t, t, gamma_t)
+        diffusion, diffusion_stderr = _mean_and_stderr(weight * (eps - eps_hat).pow(2).sum(-1))
+
+        gamma0 = self.schedule.gamma(torch.zeros((), dtype=torch.float64, device=y.device))
+        alpha2_0, sigma2_0 = alpha_sigma_squared(gamma0)
+        z0 = torch.sqrt(alpha2_0) * y + torch.sqrt(sigma2_0) * torch.randn((samples, batch, dim), **opts)
+        reconstruction, reconstruction_stderr = _mean_and_stderr(self.coding.log_likelihood(x, z0, gamma0))
+        return DiffusionLossTerms(reconstruction, self.prior_kl(x), diffusion, reconstruction_stderr, diffusion_stderr)
+
+    def draw_nbytes(self, x: Tensor) -> int:
+        per_row = 10 * x.shape[1] + getattr(self.denoiser, "floats_per_row", x.shape[1])
+        return (self.trajectory_steps + 1) * x.shape[0] * per_row * 8  # float64 temporaries per step
+
+
+@register_model("vdm")
+def vdm(**config) -> DiffusionModel:
+    """Variational Diffusion Model: linear log-SNR schedule, MLP noise predictor, T = 32 discrete steps by default."""
+    vdm_config = VDMConfig(**config)
+    return DiffusionModel(vdm_config, NoisePredictionMLP(vdm_config))
