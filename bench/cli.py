@@ -1,0 +1,291 @@
+"""The command line: `python -m bench list | run | report | check`.
+
+Bad input (unknown names, K < 1, a malformed suite, CUDA asked for but absent,
+missing data, an output directory holding another run) gives one line on
+stderr and exit status 2, and is found before any run directory is created.
+A run whose cells partly failed exits 1 after finishing every other cell.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from .evaluators import estimator_descriptions
+from .suites import SuiteError, available_suites
+
+log = logging.getLogger("bench")
+
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_USAGE = 0, 1, 2
+SELECTION_FLAGS = ("suite", "models", "datasets", "estimators", "seed", "threads")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the usage block
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+# --- list -------------------------------------------------------------------------------------------
+
+def _model_listing() -> dict[str, str]:
+    import vaes
+
+    return vaes.model_descriptions()
+
+
+def _dataset_listing() -> dict[str, str]:
+    from .data import dataset_descriptions
+
+    return dataset_descriptions()
+
+
+LISTINGS = {
+    "models": _model_listing,
+    "datasets": _dataset_listing,
+    "estimators": estimator_descriptions,
+    "suites": available_suites,
+}
+
+
+def _list(args: argparse.Namespace) -> int:
+    sections = [args.what] if args.what else list(LISTINGS)
+    for section in sections:
+        entries = LISTINGS[section]()
+        if len(sections) > 1:
+            print(f"{section}:")
+        width = max(map(len, entries), default=0)
+        indent = "  " if len(sections) > 1 else ""
+        for name, description in entries.items():
+            print(f"{indent}{name:<{width}}  {description}")
+    return EXIT_OK
+
+
+# --- run --------------------------------------------------------------------------------------------
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _default_cache_dir() -> Path:
+    from .data import cache_dir
+
+    return cache_dir() / "checkpoints"
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--all", action="store_true", help="run every cell of the suite (narrowed by the filters)")
+    parser.add_argument("--suite", help="a shipped suite's name (see `list suites`) or a TOML file; default: default")
+    parser.add_argument("--models", type=_csv, help="comma-separated model names or labels of the suite to keep")
+    parser.add_argument("--datasets", type=_csv, help="comma-separated datasets of the suite to keep")
+    parser.add_argument("--estimators", type=_csv, help="comma-separated estimators of the suite to keep")
+    parser.add_argument("--seed", type=int, help="run this one seed instead of the suite's seeds")
+    parser.add_argument("--threads", type=int, help="torch threads for training and evaluation (overrides the "
+                                                     "suite's `threads`)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda; default auto")
+    parser.add_argument("--out", type=Path, help="the run directory to create; default runs/<timestamp>-<suite>")
+    parser.add_argument("--resume", type=Path, metavar="DIR",
+                        help="finish the run in DIR: skip its finished cells, redo unfinished and failed ones")
+    parser.add_argument("--data-dir", type=Path, help="folder holding downloaded data files (else $ELBO_BENCH_DATA)")
+    parser.add_argument("--cache-dir", type=Path, help="checkpoint cache; default the user cache")
+    parser.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars and only warnings in the log")
+
+
+def _check_filter_names(args: argparse.Namespace) -> None:
+    """Filters naming nothing registered are typos: say which names exist."""
+    import vaes
+
+    from .data import list_datasets
+    from .evaluators import ESTIMATORS
+
+    known = {"models": vaes.list_models(), "datasets": list_datasets(), "estimators": list(ESTIMATORS)}
+    for flag, names in known.items():
+        for name in getattr(args, flag) or ():
+            # A model filter may also name a suite label; those are checked against the suite afterwards.
+            if name not in names and flag != "models":
+                raise UsageError(f"unknown {flag[:-1]} {name!r} in --{flag}; known {flag}: {', '.join(names)}")
+
+
+def _resolve_device(name: str):
+    from .train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _suite_record(suite) -> dict:
+    return {"name": suite.name, "description": suite.description, "source": suite.source, "contents": suite.contents}
+
+
+def _prepare_run(args: argparse.Namespace):
+    """Everything is validated here; nothing is written. Returns (plan, run_dir, manifest or None, options)."""
+    from . import runner
+    from .store import check_new_run_dir, load_manifest
+    from .suites import load_suite, parse_suite, select
+
+    device = _resolve_device(args.device)
+    if args.resume is not None:
+        given = [f"--{flag}" for flag in SELECTION_FLAGS if getattr(args, flag) is not None] + (
+            ["--out"] if args.out is not None else [])
+        if given:
+            raise UsageError(f"--resume takes the suite and filters from the run's manifest; drop {', '.join(given)}")
+        manifest = load_manifest(args.resume)
+        options = manifest.get("options", {})
+        record = manifest["suite"]
+        suite = parse_suite(record["contents"], source=record["source"], default_name=record["name"],
+                            label=Path(record["source"]).name)
+        suite = select(suite, **options.get("selection", {}))
+        data_dir = args.data_dir or (Path(options["data_dir"]) if options.get("data_dir") else None)
+        return runner.prepare(suite, data_dir=data_dir), args.resume, device, options, data_dir
+
+    if not args.all and not any(getattr(args, f) for f in ("models", "datasets", "estimators")):
+        raise UsageError("nothing selected: pass --all to run the whole suite, or narrow it with "
+                         "--models/--datasets/--estimators")
+    _check_filter_names(args)
+    suite = load_suite(args.suite or "default")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be an integer >= 1, got {args.threads}")
+    selection = {"models": args.models, "datasets": args.datasets, "estimators": args.estimators, "seed": args.seed,
+                 "threads": args.threads}
+    suite = select(suite, **selection)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = args.out if args.out is not None else Path("runs") / f"{stamp}-{suite.name}"
+    check_new_run_dir(run_dir)
+    plan = runner.prepare(suite, data_dir=args.data_dir)
+    options = {"selection": selection, "data_dir": None if args.data_dir is None else str(args.data_dir),
+               "device": args.device}
+    return plan, run_dir, device, options, args.data_dir
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataIntegrityError, DataNotFoundError
+    from .store import RunDirectoryError
+
+    return UsageError, SuiteError, RunDirectoryError, DataNotFoundError, DataIntegrityError
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from . import provenance, runner
+    from .store import ResultsStore
+
+    try:
+        plan, run_dir, device, options, _ = _prepare_run(args)
+    except _usage_errors() as exc:
+        print(f"bench run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    cache_dir = args.cache_dir or _default_cache_dir()
+    previous_threads = torch.get_num_threads()
+    if plan.suite.threads is not None:
+        torch.set_num_threads(plan.suite.threads)  # before the manifest records it
+    if args.resume is not None:
+        store = ResultsStore.resume(run_dir)
+        log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
+                 plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
+        store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()],
+                              finished=None)
+    else:
+        manifest = provenance.manifest(run_dir.name, device=device, command=["python", "-m", "bench", *argv],
+                                       suite=_suite_record(plan.suite), options=options)
+        store = ResultsStore.create(run_dir, manifest)
+        log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
+    try:
+        with store:
+            summary = runner.execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet)
+            store.update_manifest(finished=provenance.now(), threads=torch.get_num_threads(), summary={
+                "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
+    finally:
+        torch.set_num_threads(previous_threads)  # in-process callers keep their setting
+    if not args.no_report:
+        _build_report(run_dir)
+    return _print_summary(run_dir, plan, summary, quiet=args.quiet)
+
+
+def _build_report(run_dir: Path) -> None:
+    try:
+        from reports import build_report
+
+        written = build_report([run_dir])
+        log.info("report: %s", ", ".join(map(str, written)))
+    except Exception as exc:  # noqa: BLE001  the results are on disk; a report can be rebuilt with `report`
+        log.error("building the report failed (results are safe in %s; retry with `python -m bench report %s`): %s",
+                  run_dir, run_dir, exc)
+
+
+def _print_summary(run_dir: Path, plan, summary, *, quiet: bool) -> int:
+    line = (f"{run_dir}: {plan.n_cells} cells, {summary.ok} ok, {summary.skipped} skipped, "
+            f"{len(summary.failed)} failed")
+    if not summary.failed:
+        if not quiet:
+            print(line)
+        return EXIT_OK
+    print(line, file=sys.stderr)
+    for description, error in summary.failed:
+        print(f"  failed: {description}: {error}", file=sys.stderr)
+    return EXIT_FAILED_CELLS
+
+
+# --- report and check: delegated to their own modules -------------------------------------------
+
+DELEGATED = {
+    "report": ("reports.cli", "build tables and plots from run directories"),
+    "check": ("bench.check", "compare a run's bounds with a baseline (bound-tightness regression check)"),
+}
+
+
+def _add_delegated(subparsers, name: str) -> None:
+    module_name, help_text = DELEGATED[name]
+    sub = subparsers.add_parser(name, help=help_text, description=help_text)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        # Keep --help and the other commands working; using this one says why it is unavailable.
+        error = f"the {name} command is unavailable: {exc}"
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(handler=lambda args, argv: _unavailable(error))
+        return
+    module.add_arguments(sub)
+    sub.set_defaults(handler=lambda args, argv: module.main(args))
+
+
+def _unavailable(error: str) -> int:
+    print(f"bench: error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m bench", description="Benchmark variational bounds: ELBO, IWAE-K, KL terms, "
+                                                          "log p(x) and their cost, across registered models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    listing = subparsers.add_parser("list", help="what is registered: models, datasets, estimators, suites")
+    listing.add_argument("what", nargs="?", choices=list(LISTINGS))
+    listing.set_defaults(handler=lambda args, argv: _list(args))
+    run = subparsers.add_parser("run", help="run a suite's matrix into a run directory")
+    _add_run_arguments(run)
+    run.set_defaults(handler=_run)
+    for name in DELEGATED:
+        _add_delegated(subparsers, name)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("bench").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _configure_logging(getattr(args, "quiet", False))
+    return args.handler(args, argv)

@@ -1,0 +1,112 @@
+"""The estimator table a suite names: what each estimator measures, its parameters, and one batch's evaluation.
+
+Each entry turns one batch of examples into per-example ``Measurement``s; the
+runner concatenates batches, reduces to means and writes rows. The bound maths
+lives in ``estimators``; this module only maps a suite's vocabulary onto it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+import estimators
+from estimators.kl import KL_METHODS
+from vaes.base import LatentVariableModel
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One metric over a batch: per-example values [B] (or one dataset-level value [1])."""
+
+    metric: str
+    values: Tensor  # [B] (or [1] for a dataset-level count)
+    mc_stderr: Tensor | None  # [B] Monte Carlo standard error of each example's value, None where none
+    unit: str
+    method: str | None = None  # log_marginal only: "exact" or "iwae"
+
+
+class NotApplicable(Exception):
+    """The estimator has nothing to measure on this model (recorded as a skipped row, not a failure)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A suite parameter of an estimator: its type name (for validation messages), default and choices."""
+
+    type: str  # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "str", "float"
+    default: object
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EstimatorKind:
+    description: str  # one line, shown by `python -m bench list estimators`
+    evaluate: Callable[[LatentVariableModel, Tensor, int | None, dict], list[Measurement]]
+    primary_metric: str  # the metric a failed cell's row is filed under
+    k_param: str | None = None  # the parameter giving K (draws per example); None: no K
+    params: dict[str, Param] = field(default_factory=dict)
+    per_example: bool = True  # False: needs every example at once (dataset-level statistics)
+
+
+def _elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    est = estimators.elbo(model, x, samples=k)
+    terms = [Measurement(name, value, None, "nats") for name, value in est.terms.items()]
+    return [Measurement("elbo", est.value, est.stderr, "nats"), *terms]
+
+
+def _iwae(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    est = estimators.iwae(model, x, k=k)
+    return [Measurement("iwae", est.value, est.stderr, "nats"), Measurement("ess", est.terms["ess"], None, "samples")]
+
+
+def _kl_terms(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    per_layer = estimators.kl_terms(model, x, samples=k, method=params["method"])
+    rows = [Measurement(f"kl/{name}", est.value, est.stderr, "nats") for name, est in per_layer.items()]
+    total = sum(est.value for est in per_layer.values())
+    stderrs = [est.stderr for est in per_layer.values()]
+    # Layers are estimated from the same draws, so adding their errors in quadrature is approximate;
+    # it is exact for closed-form KL (zeros) and for one layer.
+    total_stderr = None if any(s is None for s in stderrs) else torch.sqrt(sum(s.pow(2) for s in stderrs))
+    return [Measurement("kl", total, total_stderr, "nats"), *rows]
+
+
+def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    est = estimators.log_marginal(model, x, method=params["method"], k=k)
+    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method)]
+
+
+def _active_units(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    counts = estimators.active_units(model, x, threshold=params["threshold"])
+    if counts is None:
+        raise NotApplicable(f"{type(model).__name__} has no posterior means")
+    as_tensor = lambda n: torch.tensor([float(n)], dtype=torch.float64)
+    layers = [Measurement(f"active_units/{name}", as_tensor(n), None, "count") for name, n in counts.items()]
+    return [Measurement("active_units", as_tensor(sum(counts.values())), None, "count"), *layers]
+
+
+ESTIMATORS: dict[str, EstimatorKind] = {
+    "elbo": EstimatorKind(
+        "ELBO with its reconstruction and per-layer KL terms (closed-form KL where the model has it)",
+        _elbo, "elbo", "samples", {"samples": Param("k-grid", 1)}),
+    "iwae": EstimatorKind(
+        "IWAE-K bound and effective sample size, for each K of the grid",
+        _iwae, "iwae", "k", {"k": Param("k-grid", [1, 5, 50])}),
+    "kl_terms": EstimatorKind(
+        "per-layer KL(q || p): closed form where available, else Monte Carlo with `samples` draws",
+        _kl_terms, "kl", "samples", {"samples": Param("k-grid", 100), "method": Param("str", "auto", KL_METHODS)}),
+    "log_marginal": EstimatorKind(
+        "log p(x): exact where the model has it, else the IWAE-k estimate (method auto)",
+        _log_marginal, "log_marginal", "k",
+        {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS))}),
+    "active_units": EstimatorKind(
+        "number of latent units with Var_x(E_q[z | x]) above the threshold, per layer",
+        _active_units, "active_units", None, {"threshold": Param("float", estimators.ACTIVE_UNIT_THRESHOLD)},
+        per_example=False),
+}
+
+
+def estimator_descriptions() -> dict[str, str]:
+    return {name: kind.description for name, kind in ESTIMATORS.items()}

@@ -1,0 +1,318 @@
+"""Suites: declared run matrices in TOML (schema documented at the top of bench/suites/default.toml).
+
+``load_suite`` parses and validates the shape and types of a suite, naming the
+offending key in every error ("suite smoke.toml: models[2].config.latent_dim
+must be an integer, got 'a'"). Checks that need the registries' objects (a
+model's config fields, whether a model fits a dataset's kind of data) are made
+by ``bench.runner.prepare`` before any run directory exists.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .evaluators import ESTIMATORS, Param
+
+SUITES_DIR = Path(__file__).parent / "suites"
+
+# Keys each table accepts, with the default used when absent.
+EVAL_DEFAULTS = {
+    "split": "test",  # splits are never trained on; "valid" for model selection
+    "n_examples": None,  # the first n examples of the split; None: all of it
+    "batch_size": 100,  # examples per estimator call (memory grows with batch x chunk of K)
+    "data_seed": 0,  # seed of the synthetic data sets, fixed across model seeds
+}
+TIMING_DEFAULTS = {
+    "enabled": True,
+    "n_examples": 64,  # the batch timed (the first examples of the evaluation set)
+    "warmup": 1,
+    "repeats": 3,
+}
+TOP_LEVEL_KEYS = ("name", "description", "threads", "datasets", "models", "estimators", "seeds", "train", "eval",
+                  "timing")
+MODEL_KEYS = ("name", "label", "config", "train", "datasets")
+# Set from the dataset for every cell, so a suite cannot contradict its data.
+DATASET_SET_KEYS = ("data_dim", "likelihood")
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run; the message names the suite and the key."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # registered model name
+    label: str  # unique within the suite (defaults to name)
+    config: dict  # overrides of the model's config (TOML values as given)
+    train: dict  # overrides of the suite's [train] table
+    datasets: tuple[str, ...]  # the suite datasets this model runs on
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    name: str  # key of bench.evaluators.ESTIMATORS
+    ks: tuple[int | None, ...]  # the K grid (None for estimators without K)
+    params: dict  # every parameter of the estimator, defaults filled in
+    n_examples: int | None  # per-estimator override of eval.n_examples (e.g. fewer for IWAE-5000)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    source: str  # where it was read from
+    datasets: tuple[str, ...]
+    models: tuple[ModelSpec, ...]
+    estimators: tuple[EstimatorSpec, ...]
+    seeds: tuple[int, ...]
+    threads: int | None  # torch intra-op threads for training and evaluation; None: torch's default
+    train: dict  # TrainConfig fields (seed excluded: it comes from `seeds`)
+    eval: dict  # EVAL_DEFAULTS keys
+    timing: dict  # TIMING_DEFAULTS keys
+    contents: dict = field(repr=False)  # the TOML as parsed, for the manifest and --resume
+
+
+def available_suites() -> dict[str, str]:
+    """Name -> description of the suites shipped in bench/suites/."""
+    found = {}
+    for path in sorted(SUITES_DIR.glob("*.toml")):
+        try:
+            found[path.stem] = str(_read_toml(path).get("description", "")).strip().splitlines()[0]
+        except (SuiteError, IndexError):
+            found[path.stem] = "(unreadable)"
+    return found
+
+
+def resolve_suite_path(name_or_path: str) -> Path:
+    """A shipped suite by name, or a user's TOML file by path."""
+    as_path = Path(name_or_path)
+    if as_path.suffix == ".toml" or as_path.is_file():
+        if not as_path.is_file():
+            raise SuiteError(f"suite file {name_or_path} does not exist")
+        return as_path
+    shipped = SUITES_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise SuiteError(f"unknown suite {name_or_path!r}; known suites: {', '.join(available_suites())} "
+                         f"(or give the path of a .toml file)")
+    return shipped
+
+
+def load_suite(name_or_path: str) -> Suite:
+    path = resolve_suite_path(name_or_path)
+    return parse_suite(_read_toml(path), source=str(path), default_name=path.stem, label=path.name)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(f"suite {path.name}: malformed TOML: {exc}") from None
+    except OSError as exc:
+        raise SuiteError(f"suite {path}: cannot read: {exc.strerror}") from None
+
+
+# --- validation helpers: each names the key path -------------------------------------------------
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+class KeyChecker:
+    def __init__(self, label: str):
+        self.label = label
+
+    def fail(self, key: str, problem: str) -> SuiteError:
+        return SuiteError(f"suite {self.label}: {key} {problem}")
+
+    def table(self, value: object, key: str, allowed: tuple[str, ...] | None) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, got {value!r}")
+        if allowed is not None:
+            for name in value:
+                if name not in allowed:
+                    where = f"{key}.{name}" if key else name
+                    raise self.fail(where, f"is not a known key; choices: {', '.join(allowed)}")
+        return value
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def integer(self, value: object, key: str, minimum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def number(self, value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"must be a number, got {value!r}")
+        return float(value)
+
+    def boolean(self, value: object, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def names(self, value: object, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"must be a non-empty list of names, got {value!r}")
+        names = tuple(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(set(names)) != len(names):
+            raise self.fail(key, f"lists a name twice: {list(names)}")
+        return names
+
+    def k_grid(self, value: object, key: str) -> tuple[int, ...]:
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise self.fail(key, "must be an integer >= 1 or a non-empty list of them, got []")
+        where = (lambda i: f"{key}[{i}]") if isinstance(value, list) else (lambda i: key)
+        return tuple(self.integer(v, where(i), minimum=1) for i, v in enumerate(values))
+
+    def param(self, value: object, key: str, spec: Param) -> object:
+        checkers = {
+            "k-grid": lambda: self.k_grid(value, key),
+            "k": lambda: self.integer(value, key, minimum=1),
+            "str": lambda: self.string(value, key),
+            "float": lambda: self.number(value, key),
+        }
+        checked = checkers[spec.type]()
+        if spec.choices is not None and checked not in spec.choices:
+            raise self.fail(key, f"must be one of {', '.join(spec.choices)}, got {value!r}")
+        return checked
+
+    def settings(self, value: object, key: str, defaults: dict, types: dict) -> dict:
+        given = self.table(value, key, tuple(defaults))
+        merged = dict(defaults)
+        for name, v in given.items():
+            merged[name] = types[name](v, f"{key}.{name}")
+        return merged
+
+
+def _optional_positive(check: KeyChecker):
+    return lambda v, key: check.integer(v, key, minimum=1)
+
+
+def parse_suite(contents: dict, *, source: str, default_name: str, label: str | None = None) -> Suite:
+    """Validate a parsed TOML document into a ``Suite`` (raises SuiteError naming the key)."""
+    check = KeyChecker(label or default_name)
+    check.table(contents, "", TOP_LEVEL_KEYS)
+    for required in ("datasets", "models", "estimators"):
+        if required not in contents:
+            raise check.fail(required, "is missing")
+    name = check.string(contents.get("name", default_name), "name")
+    description = str(contents.get("description", ""))
+    datasets = check.names(contents["datasets"], "datasets")
+    seeds = tuple(check.integer(s, f"seeds[{i}]", minimum=0) for i, s in enumerate(
+        contents.get("seeds", [0]) if isinstance(contents.get("seeds", [0]), list) else [contents["seeds"]]))
+    if not seeds:
+        raise check.fail("seeds", "must list at least one seed")
+    train = dict(check.table(contents.get("train", {}), "train", None))
+    if "seed" in train:
+        raise check.fail("train.seed", "is set per cell from `seeds`; remove it")
+
+    positive = _optional_positive(check)
+    eval_settings = check.settings(contents.get("eval", {}), "eval", EVAL_DEFAULTS, {
+        "split": check.string, "n_examples": positive, "batch_size": positive,
+        "data_seed": lambda v, key: check.integer(v, key, minimum=0)})
+    timing = check.settings(contents.get("timing", {}), "timing", TIMING_DEFAULTS, {
+        "enabled": check.boolean, "n_examples": positive, "repeats": positive,
+        "warmup": lambda v, key: check.integer(v, key, minimum=0)})
+
+    models = _parse_models(contents["models"], datasets, check)
+    estimator_specs = _parse_estimators(contents["estimators"], check)
+    threads = check.integer(contents["threads"], "threads", minimum=1) if "threads" in contents else None
+    return Suite(name, description, source, datasets, models, estimator_specs, seeds, threads, train, eval_settings,
+                 timing, contents)
+
+
+def _parse_models(value: object, datasets: tuple[str, ...], check: KeyChecker) -> tuple[ModelSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise check.fail("models", "must be a non-empty array of tables ([[models]])")
+    specs = []
+    for i, entry in enumerate(value):
+        key = f"models[{i}]"
+        check.table(entry, key, MODEL_KEYS)
+        if "name" not in entry:
+            raise check.fail(f"{key}.name", "is missing")
+        name = check.string(entry["name"], f"{key}.name")
+        config = check.table(entry.get("config", {}), f"{key}.config", None)
+        for fixed in DATASET_SET_KEYS:
+            if fixed in config:
+                raise check.fail(f"{key}.config.{fixed}", "is set from each dataset; remove it")
+        train = check.table(entry.get("train", {}), f"{key}.train", None)
+        if "seed" in train:
+            raise check.fail(f"{key}.train.seed", "is set per cell from `seeds`; remove it")
+        own = check.names(entry["datasets"], f"{key}.datasets") if "datasets" in entry else datasets
+        for j, d in enumerate(own):
+            if d not in datasets:
+                raise check.fail(f"{key}.datasets[{j}]", f"names {d!r}, which is not in the suite's datasets "
+                                                         f"({', '.join(datasets)})")
+        specs.append(ModelSpec(name, check.string(entry.get("label", name), f"{key}.label"), dict(config),
+                               dict(train), own))
+    labels = [s.label for s in specs]
+    for i, spec in enumerate(specs):
+        if labels.count(spec.label) > 1:
+            raise check.fail(f"models[{i}].label", f"{spec.label!r} is used by more than one model; "
+                                                   "give each entry a distinct label")
+    return tuple(specs)
+
+
+def _parse_estimators(value: object, check: KeyChecker) -> tuple[EstimatorSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise check.fail("estimators", "must be a non-empty array of tables ([[estimators]])")
+    specs = []
+    for i, entry in enumerate(value):
+        key = f"estimators[{i}]"
+        check.table(entry, key, None)
+        if "name" not in entry:
+            raise check.fail(f"{key}.name", "is missing")
+        name = check.string(entry["name"], f"{key}.name")
+        if name not in ESTIMATORS:
+            raise check.fail(f"{key}.name", f"is an unknown estimator {name!r}; known estimators: "
+                                            f"{', '.join(ESTIMATORS)}")
+        kind = ESTIMATORS[name]
+        check.table(entry, key, ("name", "n_examples", *kind.params))
+        params = {}
+        for pname, spec in kind.params.items():
+            raw = entry.get(pname, spec.default)
+            params[pname] = check.param(raw, f"{key}.{pname}", spec)
+        ks = params.pop(kind.k_param) if kind.k_param else (None,)
+        n_examples = check.integer(entry["n_examples"], f"{key}.n_examples", minimum=1) if "n_examples" in entry else None
+        specs.append(EstimatorSpec(name, tuple(ks), params, n_examples))
+    return tuple(specs)
+
+
+def select(suite: Suite, *, models: list[str] | None = None, datasets: list[str] | None = None,
+           estimators: list[str] | None = None, seed: int | None = None, threads: int | None = None) -> Suite:
+    """The suite narrowed by command-line filters (names must be in the suite; SuiteError otherwise)."""
+    if models:
+        in_suite = {s.label for s in suite.models} | {s.name for s in suite.models}
+        _require_members(models, in_suite, "model", suite.name)
+        suite = replace(suite, models=tuple(s for s in suite.models if s.label in models or s.name in models))
+    if datasets:
+        _require_members(datasets, set(suite.datasets), "dataset", suite.name)
+        kept = tuple(d for d in suite.datasets if d in datasets)
+        narrowed = tuple(replace(s, datasets=tuple(d for d in s.datasets if d in kept)) for s in suite.models)
+        suite = replace(suite, datasets=kept, models=tuple(s for s in narrowed if s.datasets))
+    if estimators:
+        _require_members(estimators, {s.name for s in suite.estimators}, "estimator", suite.name)
+        suite = replace(suite, estimators=tuple(s for s in suite.estimators if s.name in estimators))
+    if seed is not None:
+        suite = replace(suite, seeds=(seed,))
+    if threads is not None:
+        suite = replace(suite, threads=threads)
+    if not suite.models:
+        raise SuiteError(f"suite {suite.name}: the filters leave no model x dataset pair to run")
+    return suite
+
+
+def _require_members(names: list[str], available: set[str], what: str, suite_name: str) -> None:
+    for name in names:
+        if name not in available:
+            raise SuiteError(f"{what} {name!r} is not in suite {suite_name}; its {what}s: {', '.join(sorted(available))}")
