@@ -62,7 +62,7 @@ class Objective:
     objectives that use them.
     """
 
-    name: str = "elbo"  # "elbo", "beta-elbo" or "iwae" (see estimators.bounds.OBJECTIVES)
+    name: str = "elbo"  # "elbo", "beta-elbo", "iwae" or "diffusion" (see estimators.bounds.OBJECTIVES)
     k: int = 1  # importance samples per example for "iwae"; draws per example otherwise
     beta: float = 1.0  # KL weight for "beta-elbo"
 

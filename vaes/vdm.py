@@ -134,7 +134,8 @@ class VDMConfig(DiffusionConfig):
     hidden: tuple[int, ...] = (128, 128)  # small: T network calls per log_weights draw on 2 CPU cores
     activation: str = "silu"  # smooth in z and t, as in the VDM score network
     fourier_features: int = 8  # sin/cos of t at frequencies pi * 2^j, j < 8: resolves steps of 1/256
-    objective: Objective = field(default_factory=Objective)  # ELBO over whole trajectories (log_weights)
+    # The VDM paper's loss: per-step closed-form KLs at sampled times, one network call per draw.
+    objective: Objective = field(default_factory=lambda: Objective("diffusion"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
