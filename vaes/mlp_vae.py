@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import LatentVariableModel, LogWeights, Objective, check_k, diagonal_normal_kl, standard_normal_log_prob
-from .layers import GaussianHead, make_likelihood, mlp, reparameterize
+from .layers import BernoulliLikelihood, GaussianHead, bernoulli_mlp_log_prob, fold_mlp, make_likelihood, mlp, reparameterize
 from .registry import register_model
 
 
@@ -54,8 +54,24 @@ class MLPVAE(LatentVariableModel):
         check_k(k)
         mean, log_std = self.encode(x)  # the encoder runs once per example, not per draw
         z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
-        log_lik = self.likelihood.log_prob(x, self.decoder(z))  # [K, B]
+        log_lik = self._log_likelihood(x, z)  # [K, B]
         return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
+
+    def _folded_decoder(self):
+        """The decoder folded for the fast Bernoulli evaluation, or None where it does not apply.
+
+        Applies only without autograd (estimators run under inference mode); training
+        takes the plain path so gradients flow.
+        """
+        if torch.is_grad_enabled() or not isinstance(self.likelihood, BernoulliLikelihood):
+            return None
+        return fold_mlp(self.decoder)
+
+    def _log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        folded = self._folded_decoder()
+        if folded is None:
+            return self.likelihood.log_prob(x, self.decoder(z))
+        return bernoulli_mlp_log_prob(folded, x, z)
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         mean, log_std = self.encode(x)
@@ -72,8 +88,13 @@ class MLPVAE(LatentVariableModel):
             self.decoder[-1].bias.copy_(torch.log(p) - torch.log1p(-p))
 
     def draw_nbytes(self, x: Tensor) -> int:
-        widest = max((*self.config.hidden, self.config.data_dim))
-        return x.shape[0] * x.element_size() * (6 * self.config.data_dim + 2 * widest)
+        c = self.config
+        if isinstance(self.likelihood, BernoulliLikelihood):
+            # The blocked decoder's buffers do not grow with K; per draw and example remain
+            # z, eps, eps * sigma, eps^2, z^2 (latent-wide) and about eight [K, B] outputs.
+            return x.shape[0] * x.element_size() * (5 * c.latent_dim + 8)
+        widest = max((*c.hidden, c.data_dim))
+        return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest)
 
 
 @register_model("vae")
