@@ -422,6 +422,9 @@ def render(result: CheckResult, run_dir: Path, baseline_path: Path) -> str:
     counts = ", ".join(f"{result.count(kind)} {kind}" for kind in FINDING_KINDS)
     verdict = "FAIL" if result.failed else "PASS"
     lines += ["", f"{verdict}: {result.compared} cells compared; {counts}"]
+    # The conventional closing line of a test runner, so CI logs read the same as pytest's.
+    regressions = result.count("regression")
+    lines.append(f"check: {result.compared - regressions} passed, {regressions} failed")
     return "\n".join(lines)
 
 

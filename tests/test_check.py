@@ -96,7 +96,8 @@ def test_loosened_bound_fails_and_names_the_cell(tmp_path, baseline, capsys):
     assert "digits/test vae[aaaa1111] iwae k=50 seed=0 iwae" in out
     assert "digits/test vae[aaaa1111] iwae k=5 seed=0 iwae" in out
     assert "-0.5000" in out
-    assert out.rstrip().splitlines()[-1].startswith("FAIL:")
+    assert out.rstrip().splitlines()[-2].startswith("FAIL:")
+    assert out.rstrip().splitlines()[-1] == "check: 4 passed, 2 failed"
 
 
 def test_exact_log_marginal_drop_fails_on_floor_alone(tmp_path, baseline, capsys):
