@@ -347,3 +347,13 @@ def test_reports_does_not_import_torch(run_dir, tmp_path):
             "import reports.plots; reports.plots.plotting(); "
             "assert 'torch' not in sys.modules, 'reports imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_gap_skips_the_bound_that_is_the_log_marginal_estimate(tmp_path):
+    # log p(x) estimated by IWAE-50 is the IWAE_50 bound itself: the gap goes to the next tightest (IWAE_5).
+    rows = [_row("digits", "vae", {}, 0, "iwae", 5, "iwae", -30.0, 0.1),
+            _row("digits", "vae", {}, 0, "iwae", 50, "iwae", -29.6, 0.1),
+            _row("digits", "vae", {}, 0, "log_marginal", 50, "log_marginal", -29.6, 0.1, method="iwae")]
+    table = _table(write_run(tmp_path / "run", rows), "digits", "nats")
+    gap = table.cell("vae", "gap")
+    assert gap["value"] == pytest.approx(0.4, abs=1e-12) and gap["note"] == "to IWAE_5"
