@@ -232,10 +232,14 @@ def _not_finite(run: dict) -> bool:
     return not isinstance(run["value"], (int, float)) or not math.isfinite(run["value"])
 
 
+def _not_finite_finding(kind: str, baseline: dict, run: dict) -> Finding:
+    return Finding(kind, cell_key(run), baseline["value"], None, None, None, f"value {run['value']!r} is not finite")
+
+
 def compare_bound(baseline: dict, run: dict, settings: Settings) -> Finding | None:
-    key = cell_key(run)
     if _not_finite(run):
-        return Finding("regression", key, baseline["value"], None, None, None, f"value {run['value']!r} is not finite")
+        return _not_finite_finding("regression", baseline, run)
+    key = cell_key(run)
     tolerance, scale, source = bound_tolerance(baseline, run, settings)
     change = run["value"] - baseline["value"]
     kind = "regression" if change < -tolerance else "improvement" if change > tolerance else None
@@ -247,9 +251,9 @@ def compare_bound(baseline: dict, run: dict, settings: Settings) -> Finding | No
 
 def compare_information(baseline: dict, run: dict, settings: Settings) -> Finding | None:
     """KL terms: a significant change either way is worth a look, never a failure."""
-    key = cell_key(run)
     if _not_finite(run):
-        return Finding("information", key, baseline["value"], None, None, None, f"value {run['value']!r} is not finite")
+        return _not_finite_finding("information", baseline, run)
+    key = cell_key(run)
     tolerance, _, source = bound_tolerance(baseline, run, settings)
     change = run["value"] - baseline["value"]
     if abs(change) <= tolerance:

@@ -137,6 +137,19 @@ class KeyChecker:
                     raise self.fail(where, f"is not a known key; choices: {', '.join(allowed)}")
         return value
 
+    def array_of_tables(self, value: object, key: str) -> list[tuple[str, dict]]:
+        """A non-empty [[key]] array as (entry key, entry table) pairs, each entry required to have a name."""
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"must be a non-empty array of tables ([[{key}]])")
+        entries = []
+        for i, entry in enumerate(value):
+            entry_key = f"{key}[{i}]"
+            self.table(entry, entry_key, None)
+            if "name" not in entry:
+                raise self.fail(f"{entry_key}.name", "is missing")
+            entries.append((entry_key, entry))
+        return entries
+
     def string(self, value: object, key: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"must be a non-empty string, got {value!r}")
@@ -232,14 +245,9 @@ def parse_suite(contents: dict, *, source: str, default_name: str, label: str | 
 
 
 def _parse_models(value: object, datasets: tuple[str, ...], check: KeyChecker) -> tuple[ModelSpec, ...]:
-    if not isinstance(value, list) or not value:
-        raise check.fail("models", "must be a non-empty array of tables ([[models]])")
     specs = []
-    for i, entry in enumerate(value):
-        key = f"models[{i}]"
+    for key, entry in check.array_of_tables(value, "models"):
         check.table(entry, key, MODEL_KEYS)
-        if "name" not in entry:
-            raise check.fail(f"{key}.name", "is missing")
         name = check.string(entry["name"], f"{key}.name")
         config = check.table(entry.get("config", {}), f"{key}.config", None)
         for fixed in DATASET_SET_KEYS:
@@ -264,14 +272,8 @@ def _parse_models(value: object, datasets: tuple[str, ...], check: KeyChecker) -
 
 
 def _parse_estimators(value: object, check: KeyChecker) -> tuple[EstimatorSpec, ...]:
-    if not isinstance(value, list) or not value:
-        raise check.fail("estimators", "must be a non-empty array of tables ([[estimators]])")
     specs = []
-    for i, entry in enumerate(value):
-        key = f"estimators[{i}]"
-        check.table(entry, key, None)
-        if "name" not in entry:
-            raise check.fail(f"{key}.name", "is missing")
+    for key, entry in check.array_of_tables(value, "estimators"):
         name = check.string(entry["name"], f"{key}.name")
         if name not in ESTIMATORS:
             raise check.fail(f"{key}.name", f"is an unknown estimator {name!r}; known estimators: "
