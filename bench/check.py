@@ -7,9 +7,9 @@ cell, and exits 1 when a bound got looser than the noise allows, 0 otherwise,
 Cells match on (dataset, split, model, config_hash, estimator, k, seed, metric).
 What is compared depends on the metric (METRIC_POLICIES):
 
-* bounds (elbo, iwae, log_marginal) are higher-is-better: a drop larger than the
+* bounds (elbo, iwae, log_marginal, diffusion_elbo) are higher-is-better: a drop larger than the
   tolerance is a regression, a rise larger than it an improvement;
-* KL terms (kl, kl/<layer>) are neither better nor worse when they move, so a
+* KL terms (kl, kl/<layer>) and the diffusion ELBO's parts are neither better nor worse when they move, so a
   significant change is shown as information and never fails;
 * throughput (throughput, examples_per_s) is compared as a run/baseline ratio,
   only when --throughput-ratio is given: timings depend on the machine and its
@@ -283,17 +283,22 @@ METRIC_POLICIES: dict[str, Comparison] = {
     "elbo": compare_bound,
     "iwae": compare_bound,
     "log_marginal": compare_bound,
+    "diffusion_elbo": compare_bound,
     "kl": compare_information,
     "throughput": compare_throughput,
     "examples_per_s": compare_throughput,
 }
+# Metrics with a part after the '/': per-layer KL ("kl/<layer>") and the diffusion ELBO's parts
+# (reconstruction, prior, diffusion) move without being better or worse on their own.
+PART_POLICIES: dict[str, Comparison] = {"kl": compare_information, "diffusion_elbo": compare_information}
 
 
 def policy_of(metric: object) -> Comparison | None:
-    """The comparison for a metric; per-layer KL ("kl/<layer>") follows "kl"."""
+    """The comparison for a metric: METRIC_POLICIES by name, PART_POLICIES for "<name>/<part>"."""
     if not isinstance(metric, str):
         return None
-    return METRIC_POLICIES.get(metric.split("/", 1)[0])
+    name, _, part = metric.partition("/")
+    return (PART_POLICIES if part else METRIC_POLICIES).get(name)
 
 
 def active_comparison(metric: object, settings: Settings) -> Comparison | None:

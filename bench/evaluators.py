@@ -78,6 +78,21 @@ def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: 
     return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method)]
 
 
+def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    # The model's own loss-based ELBO: L_T in discrete time, L_inf in continuous time (the only estimate of the
+    # continuous-time bound; log_weights always samples a discrete trajectory). Its maths is the model's
+    # DiffusionLossTerms; this only reports its value, never the training surrogate's gradient.
+    loss_terms = getattr(model, "diffusion_loss_terms", None)
+    if loss_terms is None:
+        raise NotApplicable(f"{type(model).__name__} is not a diffusion model (no diffusion_loss_terms)")
+    with torch.inference_mode():
+        terms = loss_terms(x, samples=k)
+    return [Measurement("diffusion_elbo", terms.elbo, terms.stderr, "nats"),
+            Measurement("diffusion_elbo/reconstruction", terms.reconstruction, terms.reconstruction_stderr, "nats"),
+            Measurement("diffusion_elbo/prior", terms.prior, None, "nats"),
+            Measurement("diffusion_elbo/diffusion", terms.diffusion, terms.diffusion_stderr, "nats")]
+
+
 def _active_units(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
     counts = estimators.active_units(model, x, threshold=params["threshold"])
     if counts is None:
@@ -101,6 +116,10 @@ ESTIMATORS: dict[str, EstimatorKind] = {
         "log p(x): exact where the model has it, else the IWAE-k estimate (method auto)",
         _log_marginal, "log_marginal", "k",
         {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS))}),
+    "diffusion_elbo": EstimatorKind(
+        "a diffusion model's ELBO from its loss (L_T in discrete time, L_inf in continuous time), `samples` "
+        "stratified times per example; skipped for other models",
+        _diffusion_elbo, "diffusion_elbo", "samples", {"samples": Param("k-grid", 64)}),
     "active_units": EstimatorKind(
         "number of latent units with Var_x(E_q[z | x]) above the threshold, per layer",
         _active_units, "active_units", None, {"threshold": Param("float", estimators.ACTIVE_UNIT_THRESHOLD)},

@@ -8,8 +8,12 @@ raises ``SuiteError`` on any problem, before a run directory exists.
 ``execute`` runs a plan against a ``ResultsStore``. Cells are grouped by the
 model fit they share (dataset x model entry x seed): the fit is trained (or
 loaded from the checkpoint cache by bench.train) once, then each estimator cell
-evaluates it. A cell that raises, yields a non-finite value or runs out of
-memory is written as a failed row; the run goes on.
+evaluates it. A model entry with ``eval_configs`` is still trained once: each
+evaluation rebuilds the model under its evaluation-only overrides, loads the
+trained state, and writes rows under its own label, model_config and
+config_hash (a continuous-time VDM evaluated at several T). A cell that raises,
+yields a non-finite value or runs out of memory is written as a failed row; the
+run goes on.
 """
 from __future__ import annotations
 
@@ -43,15 +47,28 @@ TRAIN_ESTIMATOR = "train"  # the estimator column of a fit's training rows
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """The model a fit's estimator cells evaluate: the trained one, or it under evaluation-only overrides."""
+
+    label: str  # the rows' label
+    overrides: dict  # the rows' model_config: the entry's config with the evaluation's overrides
+    model_config: dict  # overrides plus data_dim and likelihood from the dataset
+    config_hash: str  # of the evaluated model's config
+    changed: bool  # False: evaluated as trained (no rebuild)
+
+
+@dataclass(frozen=True)
 class Cell:
     cell_id: str
     estimator: str  # an ESTIMATORS key, or TRAIN_ESTIMATOR
     k: int | None
     spec: EstimatorSpec | None  # None for the training cell
+    evaluation: Evaluation | None = None  # None for the training cell
 
     def describe(self, fit: Fit) -> str:
         k = "" if self.k is None else f" k={self.k}"
-        return f"{fit.dataset} / {fit.model.label} / seed {fit.seed} / {self.estimator}{k}"
+        label = fit.model.label if self.evaluation is None else self.evaluation.label
+        return f"{fit.dataset} / {label} / seed {fit.seed} / {self.estimator}{k}"
 
 
 @dataclass(frozen=True)
@@ -62,10 +79,11 @@ class Fit:
     split: str  # the split evaluated (training always uses "train")
     model: ModelSpec
     seed: int
-    model_config: dict  # the overrides plus data_dim and likelihood from the dataset
-    config_hash: str
+    model_config: dict  # the overrides plus data_dim and likelihood from the dataset: what is trained
+    config_hash: str  # of the trained model's config
     train_config: object  # bench.train.TrainConfig
     cells: tuple[Cell, ...] = field(default=())  # the training cell first
+    evaluations: tuple[Evaluation, ...] = field(default=())  # one per eval config (one, as trained, by default)
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,7 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
 
     fits = []
     for i, spec in enumerate(suite.models):
-        _check_overrides(spec, i, datasets[spec.datasets[0]], check)
+        _check_overrides(spec.name, spec.config, f"models[{i}].config", datasets[spec.datasets[0]], check)
         for dataset_name in spec.datasets:
             dataset = datasets[dataset_name]
             full_config = {**spec.config, "data_dim": dataset.data_dim, "likelihood": dataset.likelihood}
@@ -127,11 +145,51 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
                 raise check.fail(f"models[{i}]", f"({spec.label}) cannot run on dataset {dataset_name!r} "
                                                  f"({dataset.kind} data): {exc}; restrict it with "
                                                  f"models[{i}].datasets") from None
+            evaluations = _evaluations(spec, i, model, dataset, check)
             for seed in suite.seeds:
                 train_config = _train_config(suite, spec, i, seed, check)
-                fit = Fit(dataset_name, split, spec, seed, full_config, model.config_hash(), train_config)
+                fit = Fit(dataset_name, split, spec, seed, full_config, model.config_hash(), train_config,
+                          evaluations=evaluations)
                 fits.append(dataclasses.replace(fit, cells=_cells(fit, suite)))
     return Plan(suite, datasets, tuple(fits))
+
+
+def evaluation_only_fields(model) -> tuple[str, ...]:
+    """The config fields a model declares evaluation-only (its config's ``evaluation_only_fields()``; none if absent)."""
+    declared = getattr(model.config, "evaluation_only_fields", None)
+    return tuple(declared()) if callable(declared) else ()
+
+
+def _evaluations(spec: ModelSpec, index: int, trained, dataset, check: KeyChecker) -> tuple[Evaluation, ...]:
+    """The entry's evaluations on one dataset; every override must be evaluation-only for the trained model.
+
+    Evaluation-only means training never reads the field, so the trained state is valid under any value of it;
+    the rebuilt model must then also hold the same state keys and shapes, which is checked here too.
+    """
+    allowed = evaluation_only_fields(trained)
+    state = {name: tuple(t.shape) for name, t in trained.state_dict().items()}
+    evaluations = []
+    for j, eval_config in enumerate(spec.evaluations()):
+        where = f"models[{index}].eval_configs[{j}]"
+        for key in eval_config.overrides:
+            if key not in allowed:
+                settings = ", ".join(allowed) if allowed else "none with this config"
+                raise check.fail(f"{where}.{key}", f"is not an evaluation-only setting of model {spec.name!r} "
+                                                   f"(training reads it: give it its own model entry); "
+                                                   f"evaluation-only settings: {settings}")
+        _check_overrides(spec.name, eval_config.overrides, where, dataset, check)
+        overrides = spec.eval_config(eval_config.overrides)
+        full_config = {**overrides, "data_dim": dataset.data_dim, "likelihood": dataset.likelihood}
+        try:
+            model = create_model(spec.name, **full_config)
+        except (TypeError, ValueError) as exc:
+            raise check.fail(where, f"({eval_config.label}) is not a valid configuration: {exc}") from None
+        if {name: tuple(t.shape) for name, t in model.state_dict().items()} != state:
+            raise check.fail(where, f"changes the trained state's keys or shapes of model {spec.name!r}, so the "
+                                    f"trained state cannot be evaluated under it")
+        evaluations.append(Evaluation(eval_config.label, overrides, full_config, model.config_hash(),
+                                      changed=bool(eval_config.overrides)))
+    return tuple(evaluations)
 
 
 def _load_dataset(name: str, suite: Suite, data_dir: Path | None):
@@ -147,10 +205,10 @@ def _expected_type(default: object):
     return checks.get(type(default))
 
 
-def _check_overrides(spec: ModelSpec, index: int, dataset, check: KeyChecker) -> None:
-    """Every override must name a config field (or a factory keyword) and have its type."""
+def _check_overrides(name: str, overrides: dict, key: str, dataset, check: KeyChecker) -> None:
+    """Every override (in the suite table ``key``) must name a config field (or a factory keyword) and have its type."""
     try:
-        baseline = create_model(spec.name, data_dim=dataset.data_dim, likelihood=dataset.likelihood)
+        baseline = create_model(name, data_dim=dataset.data_dim, likelihood=dataset.likelihood)
     except (TypeError, ValueError):
         # Some defaults do not fit this dataset (an oracle's default mixture); the overrides must then
         # make the model buildable, which prepare() checks with the full config next.
@@ -158,7 +216,7 @@ def _check_overrides(spec: ModelSpec, index: int, dataset, check: KeyChecker) ->
     defaults = {}
     if dataclasses.is_dataclass(baseline.config):
         defaults.update({f.name: getattr(baseline.config, f.name) for f in dataclasses.fields(baseline.config)})
-    factory = get_model_entry(spec.name).factory
+    factory = get_model_entry(name).factory
     for param in inspect.signature(factory).parameters.values():
         if param.kind is param.KEYWORD_ONLY and param.default is not param.empty:
             defaults[param.name] = param.default
@@ -169,12 +227,12 @@ def _check_overrides(spec: ModelSpec, index: int, dataset, check: KeyChecker) ->
         "string": check.string,
         "list": lambda v, key: _check_list(v, key, check),
     }
-    for key, value in spec.config.items():
-        where = f"models[{index}].config.{key}"
-        if key not in defaults:
+    for field_name, value in overrides.items():
+        where = f"{key}.{field_name}"
+        if field_name not in defaults:
             choices = ", ".join(k for k in defaults if k not in ("data_dim", "likelihood"))
-            raise check.fail(where, f"is not a setting of model {spec.name!r}; choices: {choices}")
-        expected = _expected_type(defaults[key])
+            raise check.fail(where, f"is not a setting of model {name!r}; choices: {choices}")
+        expected = _expected_type(defaults[field_name])
         if expected is not None:
             validators[expected](value, where)
 
@@ -205,23 +263,31 @@ def _train_config(suite: Suite, spec: ModelSpec, index: int, seed: int, check: K
         raise check.fail(where, f"is not a valid training configuration: {exc}") from None
 
 
-def _cell_id(fit: Fit, split: str, estimator: str, k: int | None, params: dict, n_examples: int | None) -> str:
+def _cell_id(fit: Fit, split: str, estimator: str, k: int | None, params: dict, n_examples: int | None,
+             evaluation: Evaluation | None = None) -> str:
     """Stable across runs and machines: a hash of what the cell computes, never of when or where."""
     identity = {
         "dataset": fit.dataset, "split": split, "model": fit.model.name, "config_hash": fit.config_hash,
         "train": hash_config(fit.train_config), "seed": fit.seed, "estimator": estimator, "k": k,
         "params": params, "n_examples": n_examples,
     }
+    if evaluation is not None and evaluation.changed:  # absent otherwise, so plain entries keep their ids
+        identity["evaluated_config_hash"] = evaluation.config_hash
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _cells(fit: Fit, suite: Suite) -> tuple[Cell, ...]:
     train_cell = Cell(_cell_id(fit, "train", TRAIN_ESTIMATOR, None, {}, None), TRAIN_ESTIMATOR, None, None)
     cells = [train_cell]
-    for spec in suite.estimators:
-        n = spec.n_examples or suite.eval["n_examples"]
-        for k in spec.ks:
-            cells.append(Cell(_cell_id(fit, fit.split, spec.name, k, spec.params, n), spec.name, k, spec))
+    chosen = fit.model.estimators
+    for evaluation in fit.evaluations:
+        for spec in suite.estimators:
+            if chosen is not None and spec.name not in chosen:
+                continue
+            n = spec.n_examples or suite.eval["n_examples"]
+            for k in spec.ks:
+                cell_id = _cell_id(fit, fit.split, spec.name, k, spec.params, n, evaluation)
+                cells.append(Cell(cell_id, spec.name, k, spec, evaluation))
     return tuple(cells)
 
 
@@ -262,6 +328,7 @@ def _run_fit(plan: Plan, fit: Fit, pending: list[Cell], store: ResultsStore, sum
             _write_cell(store, summary, bar, cell, fit, [rows.failed(cell, metric, error)], "failed", error)
         return
     n_train = int(dataset.split("train").shape[0])
+    evaluated = {}  # evaluation label -> the trained model rebuilt under its overrides
     for cell in pending:
         bar.set_postfix_str(cell.describe(fit))
         if cell.spec is None:
@@ -269,9 +336,22 @@ def _run_fit(plan: Plan, fit: Fit, pending: list[Cell], store: ResultsStore, sum
                            split="train")
             _write_cell(store, summary, bar, cell, fit, [row], "ok", None)
         else:
+            if cell.evaluation.label not in evaluated:
+                evaluated[cell.evaluation.label] = _evaluated_model(fit, cell.evaluation, model, dataset, device)
             x = _evaluation_examples(plan.suite, dataset, cell.spec, device)
-            cell_rows, status, error = _evaluate_cell(plan.suite, model, x, cell, fit, rows, device, progress)
+            cell_rows, status, error = _evaluate_cell(plan.suite, evaluated[cell.evaluation.label], x, cell, fit,
+                                                      rows, device, progress)
             _write_cell(store, summary, bar, cell, fit, cell_rows, status, error)
+
+
+def _evaluated_model(fit: Fit, evaluation: Evaluation, trained: torch.nn.Module, dataset,
+                     device: torch.device) -> torch.nn.Module:
+    """The trained model under an evaluation's overrides: rebuilt, then given the trained state (no training)."""
+    if not evaluation.changed:
+        return trained
+    model = bench_train.build_model(fit.model.name, evaluation.model_config, dataset)
+    model.load_state_dict(trained.state_dict())  # same keys and shapes: checked by prepare()
+    return model.to(device).eval()
 
 
 def _train_or_build(fit: Fit, dataset, *, device: torch.device, cache_dir: Path | None,
@@ -402,12 +482,14 @@ class _RowMaker:
     def row(self, cell: Cell, metric: str, value, stderr, mc_stderr, unit: str | None, n_examples: int | None,
             wall_s: float | None, *, method: str | None = None, k: int | None | str = "cell",
             split: str | None = None, status: str = "ok", error: str | None = None) -> dict:
-        fit = self.fit
+        fit, evaluation = self.fit, cell.evaluation
+        label, config_hash, model_config = ((fit.model.label, fit.config_hash, fit.model.config) if evaluation is None
+                                            else (evaluation.label, evaluation.config_hash, evaluation.overrides))
         row = {
             "run_id": self.run_id, "cell_id": cell.cell_id, "dataset": fit.dataset,
             "split": split or ("train" if cell.spec is None else fit.split),
-            "model": fit.model.name, "label": fit.model.label, "config_hash": fit.config_hash,
-            "model_config": fit.model.config, "seed": fit.seed, "estimator": cell.estimator,
+            "model": fit.model.name, "label": label, "config_hash": config_hash,
+            "model_config": model_config, "seed": fit.seed, "estimator": cell.estimator,
             "k": cell.k if k == "cell" else k, "metric": metric, "method": method,
             "value": None if value is None else float(value), "stderr": stderr, "mc_stderr": mc_stderr,
             "unit": unit, "n_examples": n_examples, "device": self.device, "wall_s": wall_s, "status": status,

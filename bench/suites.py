@@ -31,7 +31,7 @@ TIMING_DEFAULTS = {
 }
 TOP_LEVEL_KEYS = ("name", "description", "threads", "datasets", "models", "estimators", "seeds", "train", "eval",
                   "timing")
-MODEL_KEYS = ("name", "label", "config", "train", "datasets")
+MODEL_KEYS = ("name", "label", "config", "eval_configs", "train", "datasets", "estimators")
 # Set from the dataset for every cell, so a suite cannot contradict its data.
 DATASET_SET_KEYS = ("data_dim", "likelihood")
 
@@ -41,12 +41,32 @@ class SuiteError(ValueError):
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation of a trained model entry under evaluation-only overrides (see ModelSpec.eval_configs)."""
+
+    label: str  # the rows' label: the entry's label and the overrides, e.g. "vdm (log_weights_steps=4)"
+    overrides: dict  # evaluation-only fields changed from the entry's config ({}: as trained)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str  # registered model name
     label: str  # unique within the suite (defaults to name)
-    config: dict  # overrides of the model's config (TOML values as given)
+    config: dict  # overrides of the model's config (TOML values as given): what is trained
     train: dict  # overrides of the suite's [train] table
     datasets: tuple[str, ...]  # the suite datasets this model runs on
+    # Evaluations of the one trained model; () means one, under `config` itself. Each holds only fields the
+    # model declares evaluation-only (checked by bench.runner.prepare against the built model).
+    eval_configs: tuple[EvalConfig, ...] = ()
+    estimators: tuple[str, ...] | None = None  # names of the suite's estimators run on it; None: all
+
+    def evaluations(self) -> tuple[EvalConfig, ...]:
+        """What the entry is evaluated as: its eval configs, or the trained config itself under the entry's label."""
+        return self.eval_configs or (EvalConfig(self.label, {}),)
+
+    def eval_config(self, overrides: dict) -> dict:
+        """The config of one evaluation (the rows' model_config): the trained config with the overrides."""
+        return {**self.config, **overrides}
 
 
 @dataclass(frozen=True)
@@ -237,14 +257,39 @@ def parse_suite(contents: dict, *, source: str, default_name: str, label: str | 
         "enabled": check.boolean, "n_examples": positive, "repeats": positive,
         "warmup": lambda v, key: check.integer(v, key, minimum=0)})
 
-    models = _parse_models(contents["models"], datasets, check)
     estimator_specs = _parse_estimators(contents["estimators"], check)
+    models = _parse_models(contents["models"], datasets, {e.name for e in estimator_specs}, check)
     threads = check.integer(contents["threads"], "threads", minimum=1) if "threads" in contents else None
     return Suite(name, description, source, datasets, models, estimator_specs, seeds, threads, train, eval_settings,
                  timing, contents)
 
 
-def _parse_models(value: object, datasets: tuple[str, ...], check: KeyChecker) -> tuple[ModelSpec, ...]:
+def _eval_label(label: str, overrides: dict) -> str:
+    if not overrides:
+        return label
+    return f"{label} ({', '.join(f'{key}={value}' for key, value in overrides.items())})"
+
+
+def _parse_eval_configs(value: object, key: str, label: str, check: KeyChecker) -> tuple[EvalConfig, ...]:
+    """A non-empty array of override tables; which fields may change is checked against the model in prepare()."""
+    if not isinstance(value, list) or not value:
+        raise check.fail(key, "must be a non-empty array of tables of evaluation-only settings, "
+                              "e.g. [{ log_weights_steps = 1 }, { log_weights_steps = 2 }]")
+    configs = []
+    for j, overrides in enumerate(value):
+        where = f"{key}[{j}]"
+        check.table(overrides, where, None)
+        for fixed in DATASET_SET_KEYS:
+            if fixed in overrides:
+                raise check.fail(f"{where}.{fixed}", "is set from each dataset; remove it")
+        if dict(overrides) in [c.overrides for c in configs]:
+            raise check.fail(where, f"repeats an earlier evaluation {dict(overrides)!r}")
+        configs.append(EvalConfig(_eval_label(label, overrides), dict(overrides)))
+    return tuple(configs)
+
+
+def _parse_models(value: object, datasets: tuple[str, ...], estimator_names: set[str],
+                  check: KeyChecker) -> tuple[ModelSpec, ...]:
     specs = []
     for key, entry in check.array_of_tables(value, "models"):
         check.table(entry, key, MODEL_KEYS)
@@ -261,13 +306,27 @@ def _parse_models(value: object, datasets: tuple[str, ...], check: KeyChecker) -
             if d not in datasets:
                 raise check.fail(f"{key}.datasets[{j}]", f"names {d!r}, which is not in the suite's datasets "
                                                          f"({', '.join(datasets)})")
-        specs.append(ModelSpec(name, check.string(entry.get("label", name), f"{key}.label"), dict(config),
-                               dict(train), own))
+        label = check.string(entry.get("label", name), f"{key}.label")
+        evals = (_parse_eval_configs(entry["eval_configs"], f"{key}.eval_configs", label, check)
+                 if "eval_configs" in entry else ())
+        chosen = None
+        if "estimators" in entry:
+            chosen = check.names(entry["estimators"], f"{key}.estimators")
+            for j, estimator in enumerate(chosen):
+                if estimator not in estimator_names:
+                    raise check.fail(f"{key}.estimators[{j}]", f"names {estimator!r}, which is not among the suite's "
+                                                               f"estimators ({', '.join(sorted(estimator_names))})")
+        specs.append(ModelSpec(name, label, dict(config), dict(train), own, evals, chosen))
     labels = [s.label for s in specs]
     for i, spec in enumerate(specs):
         if labels.count(spec.label) > 1:
             raise check.fail(f"models[{i}].label", f"{spec.label!r} is used by more than one model; "
                                                    "give each entry a distinct label")
+    row_labels = [(i, e.label) for i, spec in enumerate(specs) for e in spec.evaluations()]
+    for i, row_label in row_labels:
+        if [r for _, r in row_labels].count(row_label) > 1:
+            raise check.fail(f"models[{i}]", f"labels rows {row_label!r}, as another entry does; "
+                                             "give the entries distinct labels")
     return tuple(specs)
 
 

@@ -14,6 +14,14 @@ hold tensors, numbers and strings only and are read with
 ``torch.load(weights_only=True)``, so a foreign file cannot run code. A file
 under the right name that cannot be read as this cell's checkpoint raises
 :class:`CheckpointError` (delete it to retrain); it is never silently replaced.
+
+Long runs resume at epoch granularity: with a cache directory, the full training
+state (weights, Adam moments, schedule position, the batch-order and sampling RNG
+states, history) goes to ``<checkpoint>.resume.pt`` at the end of an epoch when
+``resume_interval_s`` has passed since the last one, and at the end of every stage
+of "iwae-stages". A later call for the same cell continues from there and gives the
+same weights, bit for bit on CPU, as a run that was never interrupted. The file is
+removed once the final checkpoint is written.
 """
 from __future__ import annotations
 
@@ -165,6 +173,11 @@ def checkpoint_path(cache_dir: Path, model_name: str, dataset: Dataset, key: str
     return Path(cache_dir) / f"{model_name}--{dataset.name}--{key}.pt"
 
 
+def resume_path(checkpoint: Path) -> Path:
+    """Where an unfinished run of ``checkpoint``'s cell keeps its training state."""
+    return checkpoint.with_suffix(".resume.pt")
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file beside ``path``, then os.replace: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,13 +191,17 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         raise
 
 
-def load_checkpoint(path: Path, key: str, model: LatentVariableModel, device: torch.device) -> dict:
-    """Load ``path`` into ``model``; weights_only=True refuses anything but tensors and plain containers."""
+def load_checkpoint(path: Path, key: str, model: LatentVariableModel, device: torch.device,
+                    restore: Callable[[dict], None] | None = None) -> dict:
+    """Load ``path`` into ``model`` (and hand the payload to ``restore``, e.g. for the optimizer);
+    weights_only=True refuses anything but tensors and plain containers."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
         if not isinstance(payload, dict) or payload.get("key") != key:
             raise ValueError("it is not a checkpoint of this training cell")
         model.load_state_dict(payload["state_dict"])
+        if restore is not None:
+            restore(payload)
     except Exception as error:  # unpickling refusal, truncation, wrong keys or shapes: all the same to the user
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first_line}; delete the file to retrain") from error
@@ -230,10 +247,18 @@ def _record(step: int, train_loss: float, model: LatentVariableModel, valid: Ten
             "seconds": time.perf_counter() - start}
 
 
+# Seconds between resume states at epoch ends (stage ends are always kept): short epochs would
+# otherwise spend more time writing state than training.
+RESUME_INTERVAL_S = 60.0
+
+
 def train_model(model_name: str, model_config: dict, dataset: Dataset, train_config: TrainConfig, *,
                 device: torch.device | str | None = None, cache_dir: Path | None = None,
-                progress: bool = True) -> TrainResult:
-    """Train (or load from ``cache_dir``) ``model_name`` on ``dataset.train``; device None means auto."""
+                progress: bool = True, resume_interval_s: float = RESUME_INTERVAL_S) -> TrainResult:
+    """Train (or load from ``cache_dir``) ``model_name`` on ``dataset.train``; device None means auto.
+
+    An unfinished run of the same cell in ``cache_dir`` is continued from its last resume state.
+    """
     device = resolve_device(device)
     cfg = train_config
     with torch.random.fork_rng(devices=_seed_devices(device)):  # seeding here leaves the caller's RNG alone
@@ -245,18 +270,76 @@ def train_model(model_name: str, model_config: dict, dataset: Dataset, train_con
             payload = load_checkpoint(path, key, model, device)
             return TrainResult(model.eval(), payload["history"], path, True, float(payload["train_seconds"]),
                                int(payload["steps"]), key)
-        result = _fit(model, dataset, cfg, device, progress, label=f"{model_name} on {dataset.name}")
+        resume = _ResumeFile(resume_path(path), key, resume_interval_s) if path is not None else None
+        result = _fit(model, dataset, cfg, device, progress, f"{model_name} on {dataset.name}", resume)
     result.key = key
     if path is not None:
         save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "key": key, "state_dict": result.model.state_dict(),
                                "history": result.history, "train_seconds": result.train_seconds,
                                "steps": result.steps})
         result.checkpoint = path
+        resume.path.unlink(missing_ok=True)
     return result
 
 
+@dataclass
+class _Progress:
+    """What the loop carries from step to step, beyond the model and optimizer."""
+    step: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+    window_loss: float = 0.0  # summed loss since the last history entry
+    window_steps: int = 0
+    seconds: float = 0.0  # training wall time before this call (a resumed run adds to it)
+    order: Tensor = dataclasses.field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # this epoch's batch order
+
+
+@dataclass
+class _ResumeFile:
+    """The resume state of one training cell: written at epoch ends, read when the cell starts again."""
+    path: Path
+    key: str
+    interval_s: float
+    last_saved: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def load(self, model, optimizer, scheduler, order_gen: torch.Generator, device: torch.device) -> _Progress:
+        if not self.path.exists():
+            return _Progress()
+
+        def restore(payload: dict) -> None:
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            order_gen.set_state(payload["order_rng"].cpu())
+            torch.set_rng_state(payload["cpu_rng"].cpu())
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(payload["cuda_rng"].cpu(), device)
+
+        payload = load_checkpoint(self.path, self.key, model, device, restore)
+        return _Progress(int(payload["step"]), payload["history"], float(payload["window_loss"]),
+                         int(payload["window_steps"]), float(payload["seconds"]), payload["order"].to(device))
+
+    def due(self, epoch_end: bool, stage_end: bool) -> bool:
+        return stage_end or (epoch_end and time.perf_counter() - self.last_saved >= self.interval_s)
+
+    def save(self, model, optimizer, scheduler, order_gen: torch.Generator, device: torch.device,
+             progress: _Progress) -> None:
+        payload = {"format": CHECKPOINT_FORMAT, "key": self.key, "state_dict": model.state_dict(),
+                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "order_rng": order_gen.get_state(), "cpu_rng": torch.get_rng_state(),
+                   **dataclasses.asdict(progress)}
+        if device.type == "cuda":
+            payload["cuda_rng"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(self.path, payload)
+        self.last_saved = time.perf_counter()
+
+
+def _stage_ends(step: int, total: int, cfg: TrainConfig) -> bool:
+    """Whether ``step`` (1-based count of steps done) closes a stage of the "iwae-stages" schedule."""
+    return (cfg.schedule == "iwae-stages" and step < total
+            and iwae_stage(step, total, cfg.stages) != iwae_stage(step - 1, total, cfg.stages))
+
+
 def _fit(model: LatentVariableModel, dataset: Dataset, cfg: TrainConfig, device: torch.device,
-         progress: bool, label: str) -> TrainResult:
+         progress: bool, label: str, resume: _ResumeFile | None = None) -> TrainResult:
     train = dataset.train.to(device)
     valid = dataset.valid[: cfg.eval_examples].to(device)
     n_train = train.shape[0]
@@ -269,37 +352,40 @@ def _fit(model: LatentVariableModel, dataset: Dataset, cfg: TrainConfig, device:
     schedule = SCHEDULES[cfg.schedule]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, total, cfg))
     order_gen = torch.Generator().manual_seed(cfg.seed)  # batch order on CPU: identical on every device
+    state = resume.load(model, optimizer, scheduler, order_gen, device) if resume is not None else _Progress()
 
-    history: list[dict] = []
-    window_loss, window_steps = 0.0, 0
-    start = time.perf_counter()
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(total=total, desc=label, disable=not progress, leave=False)
-    for step in range(total):
+    start = time.perf_counter() - state.seconds  # a resumed run's time counts from its first start
+    bar = tqdm(total=total, initial=state.step, desc=label, disable=not progress, leave=False)
+    for step in range(state.step, total):
         position = (step % steps_per_epoch) * batch_size
         if position == 0:
-            order = torch.randperm(n_train, generator=order_gen).to(device)
-        x = train[order[position: position + batch_size]]
+            state.order = torch.randperm(n_train, generator=order_gen).to(device)
+        x = train[state.order[position: position + batch_size]]
         loss = -training_objective(model, x).mean()
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"training loss is {loss.item()} at step {step} ({label}, lr {scheduler.get_last_lr()[0]:.3g}); "
                 f"lower lr or check the data")
         if step == 0:  # the starting point, so the history shows how far training moved
-            history.append(_record(0, loss.item(), model, valid, cfg, device, optimizer, steps_per_epoch, start))
+            state.history.append(_record(0, loss.item(), model, valid, cfg, device, optimizer, steps_per_epoch, start))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        window_loss += loss.item()
-        window_steps += 1
+        state.window_loss += loss.item()
+        state.window_steps += 1
+        state.step = step + 1
         bar.update(1)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
-            record = _record(step + 1, window_loss / window_steps, model, valid, cfg, device, optimizer,
-                             steps_per_epoch, start)
-            history.append(record)
+        if state.step % cfg.eval_every == 0 or state.step == total:
+            record = _record(state.step, state.window_loss / state.window_steps, model, valid, cfg, device,
+                             optimizer, steps_per_epoch, start)
+            state.history.append(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", valid_elbo=f"{record['valid_elbo']:.3f}")
-            window_loss, window_steps = 0.0, 0
+            state.window_loss, state.window_steps = 0.0, 0
+        epoch_end = state.step % steps_per_epoch == 0 and state.step < total
+        if resume is not None and resume.due(epoch_end, _stage_ends(state.step, total, cfg)):  # mid-epoch too
+            state.seconds = time.perf_counter() - start
+            resume.save(model, optimizer, scheduler, order_gen, device, state)
     bar.close()
     seconds = time.perf_counter() - start
-    return TrainResult(model.eval(), history, None, False, seconds, total)
+    return TrainResult(model.eval(), state.history, None, False, seconds, total)

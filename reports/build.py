@@ -11,6 +11,7 @@ from reports.cells import summarize
 from reports.document import html_document, latex_document, markdown_document
 from reports.errors import ReportError
 from reports.load import failed_rows, load_results, ok_rows
+from reports.published import published_tables
 from reports.render import tables_csv
 from reports.table import ComparisonTable, build_tables
 
@@ -96,6 +97,7 @@ def build_report(run_dirs: list[Path], *, formats: Iterable[str] = DEFAULT_FORMA
     run_dirs = [Path(d) for d in run_dirs]
     results = load_results(run_dirs)
     tables = build_tables(results)
+    tables += published_tables(summarize(results))  # empty unless a published row's model was measured
     if not tables:
         n_ok = len(ok_rows(results))
         raise ReportError(f"no results to report in {', '.join(map(str, run_dirs))}: "

@@ -2,6 +2,12 @@
 
 Needs the [plot] extra; imported lazily so that tables work without it. Every plot is in nats
 per example (bounds, gap, KL) or samples per second, with the unit on its axis.
+
+"As one step becomes many": every model config gets a place on one axis, read from its
+config alone (reports import no model code): a diffusion model's T (``steps`` in discrete
+time, ``log_weights_steps`` for a continuous-time model evaluated over T-step trajectories),
+a hierarchy's L (``n_layers``, else its number of KL layers). Configs of one model that differ
+only in that place form a *series* (one line), ordered VAE -> HVAE -> diffusion.
 """
 from __future__ import annotations
 
@@ -15,12 +21,10 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from reports.cells import bound_order, natural_sorted, sort_models
+from reports.cells import CONTINUOUS_ELBO, bound_order, natural_sorted, sort_models
 from reports.errors import ReportError
 
 PLOT_EXTRA_HINT = "pip install 'elbo-bench[plot]'"
-# Above this many layers a KL plot is a profile along t (a VDM), below it a bar per layer.
-KL_PROFILE_MIN_LAYERS = 8
 PANEL_WIDTH, PANEL_HEIGHT, MAX_COLUMNS = 5.0, 3.8, 3
 DEVICE_LINESTYLES = ("-", "--", ":", "-.")
 ESTIMATOR_MARKERS = ("s", "o", "^", "D", "v")
@@ -40,10 +44,10 @@ def plotting():
     return plt, sns
 
 
-def _panels(n: int, plt):
+def _panels(n: int, plt, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT):
     columns = min(n, MAX_COLUMNS)
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(PANEL_WIDTH * columns, PANEL_HEIGHT * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -66,7 +70,18 @@ def _unique_handles(fig) -> tuple[list, list]:
     return list(seen.values()), list(seen.keys())
 
 
-STEPS_KEY, TIME_KEY, CONTINUOUS = "steps", "time", "continuous"
+STEPS_KEY, LOG_WEIGHTS_STEPS_KEY, TIME_KEY, CONTINUOUS, LAYERS_KEY = (
+    "steps", "log_weights_steps", "time", "continuous", "n_layers")
+AXIS_KEYS = (STEPS_KEY, LOG_WEIGHTS_STEPS_KEY, LAYERS_KEY)
+# Families in the order the gap plot lists them: one stochastic layer -> a hierarchy of L -> a diffusion of T steps.
+ONE_LAYER, HIERARCHY, DIFFUSION = 0, 1, 2
+AXIS_NAME = {ONE_LAYER: "L", HIERARCHY: "L", DIFFUSION: "T"}
+LOG_P_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.2}
+CONTINUOUS_STYLE = {"linestyle": "-.", "linewidth": 1.3}
+# Bounds span from ~1e7 nats off (one diffusion step) to ~0.01: a symmetric log axis, linear within 1 nat.
+SYMLOG_NATS = {"linthresh": 1.0, "linscale": 0.5}
+SYMLOG_MIN_DECADES = 1.5  # a narrower range reads better on a linear axis (a symlog one would show one tick)
+ZOOM_DECADES = 0.7  # the zoomed panel under a symlog one: from the top down this many decades (-1.7 -> ~-9)
 
 
 def _is_continuous(config: dict) -> bool:
@@ -74,24 +89,82 @@ def _is_continuous(config: dict) -> bool:
 
 
 def _has_steps(config: dict) -> bool:
-    """A diffusion-like model: its config sets the number of steps or continuous time."""
-    return STEPS_KEY in config or _is_continuous(config)
+    """A diffusion-like model: its config sets steps, continuous time or the trajectory steps."""
+    return STEPS_KEY in config or TIME_KEY in config or LOG_WEIGHTS_STEPS_KEY in config
 
 
-def _best_log_marginal(cells: pd.DataFrame) -> tuple[float, str] | None:
-    """The exact log p(x) if any, else the highest estimate, with a legend word saying which."""
+def _axis_value(config: dict, kl_layers: int) -> float | None:
+    """T of a diffusion config, L of a hierarchy (n_layers, else the KL layers measured); None if unknown."""
+    if _has_steps(config):
+        value = config.get(LOG_WEIGHTS_STEPS_KEY) if _is_continuous(config) else config.get(STEPS_KEY)
+        return None if value is None else float(value)
+    if LAYERS_KEY in config:
+        return float(config[LAYERS_KEY])
+    return float(kl_layers) if kl_layers else None
+
+
+def _series_key(config: dict, family: int) -> str:
+    """What stays fixed along a series: the config less its place on the axis (and a hierarchy's per-layer lists)."""
+    rest = {key: value for key, value in config.items()
+            if key not in AXIS_KEYS and not (family == HIERARCHY and isinstance(value, list))}
+    return json.dumps(rest, sort_keys=True, default=str)
+
+
+def placed(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with each config's family, axis value x (T or L, NaN if unknown) and series name."""
+    configs = summary.drop_duplicates(["dataset", "model", "config_hash"])[["dataset", "model", "config_hash",
+                                                                               "model_config"]].copy()
+    kl = summary[summary["kind"] == "kl"].groupby(["dataset", "model", "config_hash"])["layer"].nunique()
+    n_kl = [int(kl.get(key, 0)) for key in zip(configs["dataset"], configs["model"], configs["config_hash"])]
+    configs["x"] = [_axis_value(c, n) for c, n in zip(configs["model_config"], n_kl)]
+    configs["family"] = [DIFFUSION if _has_steps(c) else (ONE_LAYER if x in (None, 1.0) and LAYERS_KEY not in c
+                                                          else HIERARCHY)
+                         for c, x in zip(configs["model_config"], configs["x"])]
+    configs["series_key"] = [_series_key(c, f) for c, f in zip(configs["model_config"], configs["family"])]
+    names = []
+    for _, row in configs.iterrows():
+        mine = configs[(configs["dataset"] == row["dataset"]) & (configs["model"] == row["model"])]
+        keys = [json.loads(k) for k in mine["series_key"].unique()]
+        varying = sorted({k for d in keys for k in d if len({repr(e.get(k)) for e in keys}) > 1})
+        own = json.loads(row["series_key"])
+        extra = ", ".join(f"{k}={own[k]}" for k in varying if k in own)
+        names.append(f"{row['model']} ({extra})" if extra else row["model"])
+    configs["series"] = names
+    configs["x"] = configs["x"].astype(float)
+    return summary.merge(configs.drop(columns=["model_config", "series_key"]),
+                         on=["dataset", "model", "config_hash"], how="left")
+
+
+def _point_name(series: str, family: int, x: float) -> str:
+    if family == ONE_LAYER:
+        return series
+    return f"{series} {AXIS_NAME[family]}={'?' if np.isnan(x) else f'{x:g}'}"
+
+
+def _reference_log_marginal(cells: pd.DataFrame) -> tuple[float, float, str] | None:
+    """The dataset's log p(x): an exact value if any model has one, else the highest estimate; with its origin."""
     logp = cells[cells["kind"] == "log_marginal"]
     if logp.empty:
         return None
     exact = logp[logp["method"] == "exact"]
-    if not exact.empty:
-        return float(exact["value"].iloc[0]), "exact"
-    return float(logp["value"].max()), "estimate"
+    best = exact.iloc[0] if not exact.empty else logp.loc[logp["value"].idxmax()]
+    if best["method"] == "exact":
+        how = "exact"
+    else:
+        k = f"-{int(best['k'])}" if pd.notna(best["k"]) else ""
+        how = f"best estimate: {best['label']}, {str(best['method']).upper()}{k}"
+    return float(best["value"]), float(np.nan_to_num(best["stderr"])), how
+
+
+def _best_log_marginal(cells: pd.DataFrame) -> tuple[float, str] | None:
+    """The exact log p(x) if any, else the highest estimate, with a legend word saying which."""
+    reference = _reference_log_marginal(cells)
+    return None if reference is None else (reference[0], "exact" if reference[2] == "exact" else "estimate")
 
 
 def bound_vs_k(summary: pd.DataFrame, plt, sns):
     """IWAE_K against K (log axis) per model, the ELBO at K = 1, log p(x) as a dashed line."""
-    summary = summary[~summary["model_config"].map(_has_steps)]  # those are in bound_vs_steps
+    summary = summary[~summary["model_config"].map(_has_steps)]  # diffusion models: see bound_vs_steps
     bounds = summary[summary["kind"] == "bound"]
     if bounds.empty:
         return None
@@ -128,83 +201,286 @@ def bound_vs_k(summary: pd.DataFrame, plt, sns):
     return fig
 
 
-def _gaps(summary: pd.DataFrame) -> pd.DataFrame:
-    """log p(x) - bound for every bound column of every model that has log p(x)."""
-    records = []
-    for (dataset, label), cells in summary.groupby(["dataset", "label"], sort=False):
-        logp = _best_log_marginal(cells)
-        if logp is None:
-            continue
-        lp_stderr = cells.loc[cells["kind"] == "log_marginal", "stderr"].iloc[0]
-        for _, bound in cells[cells["kind"] == "bound"].iterrows():
-            records.append({"dataset": dataset, "label": label, "bound": bound["column"],
-                            "gap": logp[0] - bound["value"], "stderr": float(np.hypot(lp_stderr, bound["stderr"]))})
-    return pd.DataFrame.from_records(records)
+def _to_symlog(value: float) -> float:
+    """About where matplotlib's symlog axis puts a value, in decades (linear within linthresh)."""
+    return float(np.sign(value) * np.log10(1 + abs(value) / SYMLOG_NATS["linthresh"]))
 
 
-def gap(summary: pd.DataFrame, plt, sns):
-    """Horizontal grouped bars: gap to log p(x) per model (rows) and estimator (colour), a panel per dataset."""
-    gaps = _gaps(summary)
-    if gaps.empty:
+def _from_symlog(position: float) -> float:
+    return float(np.sign(position) * SYMLOG_NATS["linthresh"] * (10 ** abs(position) - 1))
+
+
+def _symlog_span(low: float, high: float) -> float:
+    return _to_symlog(high) - _to_symlog(low)
+
+
+def _symlog_limits(low: float, high: float) -> tuple[float, float]:
+    """5% margins in symlog space (matplotlib's own margins would reach far past zero)."""
+    pad = max(0.05 * _symlog_span(low, high), 0.05)
+    return _from_symlog(_to_symlog(low) - pad), _from_symlog(_to_symlog(high) + pad)
+
+
+def _bound_styles(columns) -> dict[str, dict]:
+    """Line styles by bound: the ELBO solid, the largest-K IWAE dotted; other K are left to bound_vs_k."""
+    iwae = sorted((c for c in columns if c.startswith("IWAE_")), key=bound_order)
+    styles = {"ELBO": {"linestyle": "-", "marker": "o", "mfc": None}}
+    if iwae:
+        styles[iwae[-1]] = {"linestyle": ":", "marker": "^", "mfc": "white"}
+    return styles
+
+
+def _series_order(points: pd.DataFrame) -> list[str]:
+    order = points.drop_duplicates("series").sort_values(["family", "series"])
+    return list(order["series"])
+
+
+def _style_legend(styles: dict[str, dict], continuous: bool, logp: str | None):
+    Line2D = importlib.import_module("matplotlib.lines").Line2D
+    handles = [Line2D([], [], color="grey", linestyle=s["linestyle"], marker=s["marker"], mfc=s["mfc"] or "grey")
+               for s in styles.values()]
+    labels = [f"{name} ({'T-step trajectories' if name == 'ELBO' else 'largest K'})" for name in styles]
+    if continuous:
+        handles.append(Line2D([], [], color="grey", **CONTINUOUS_STYLE))
+        labels.append("ELBO_inf: continuous time (T = inf)")
+    if logp:
+        handles.append(Line2D([], [], **LOG_P_STYLE))
+        labels.append("log p(x)")
+    return handles, labels
+
+
+def _draw_steps_panel(ax, bounds: pd.DataFrame, colors: dict, styles: dict, reference) -> bool:
+    """One dataset's series on ax; True when a continuous-time ELBO_inf line was drawn."""
+    has_continuous = False
+    for series in _series_order(bounds):
+        cells = bounds[bounds["series"] == series]
+        color = colors[series]
+        one_layer = cells["family"].iloc[0] == ONE_LAYER  # a point at L = 1, drawn larger and on top
+        for column, style in styles.items():
+            line = cells[(cells["column"] == column) & cells["x"].notna()].sort_values("x")
+            if not line.empty:
+                ax.errorbar(line["x"], line["value"], yerr=line["stderr"].fillna(0), color=color,
+                            linestyle=style["linestyle"], marker="s" if one_layer else style["marker"],
+                            mfc=style["mfc"] or color, ms=8 if one_layer else 5, capsize=2,
+                            zorder=3 if one_layer else 2)
+            unplaced = cells[(cells["column"] == column) & cells["x"].isna()]
+            for value in unplaced["value"]:  # a continuous-time model whose trajectory T was not recorded
+                ax.axhline(value, color=color, linestyle=style["linestyle"], linewidth=1)
+        limit = cells[cells["column"] == CONTINUOUS_ELBO]
+        if not limit.empty:  # the same L_inf on every T row of a continuous-time model
+            ax.axhline(float(limit["value"].mean()), color=color, **CONTINUOUS_STYLE)
+            has_continuous = True
+    if reference is not None:
+        ax.axhline(reference[0], **LOG_P_STYLE)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("diffusion steps T  /  hierarchy layers L (log scale)")
+    return has_continuous
+
+
+def bound_vs_steps(summary: pd.DataFrame, plt, sns):
+    """Bound against T (diffusion steps) and L (hierarchy layers) on one log axis, a column per dataset.
+
+    Colour: the series (a model whose configs differ only in T or L); style: the bound (ELBO, the
+    largest-K IWAE, the continuous-time ELBO_inf as a horizontal line); log p(x) dashed black. A range
+    of many decades gets a symlog axis and, below it, the same panel zoomed (linear) on its top decade.
+    """
+    points = placed(summary)
+    stepped = points["family"] == DIFFUSION
+    if not stepped.any() and not (points["x"] >= 2).any():
         return None
-    datasets = sorted(gaps["dataset"].unique())
-    bounds = sorted(gaps["bound"].unique(), key=bound_order)
-    order = sort_models(summary)
-    heights = [0.8 + 0.14 * gaps.loc[gaps["dataset"] == d, "bound"].nunique() * gaps.loc[gaps["dataset"] == d, "label"].nunique()
-               for d in datasets]
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(8.0, sum(heights) + 0.8),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
-    colors = _palette(bounds, sns)
-    for ax, dataset in zip(axes[:, 0], datasets):
-        mine = gaps[gaps["dataset"] == dataset]
-        labels = [label for label in order if label in set(mine["label"])]
-        present = [bound for bound in bounds if bound in set(mine["bound"])]
-        width = 0.8 / len(present)
-        for i, bound in enumerate(present):
-            rows = mine[mine["bound"] == bound].set_index("label").reindex(labels)
-            y = np.arange(len(labels)) + (i - (len(present) - 1) / 2) * width
-            ax.barh(y, rows["gap"], width, xerr=rows["stderr"].fillna(0), color=colors[bound], label=bound,
-                    capsize=2, error_kw={"linewidth": 0.8})
-        ax.set_yticks(np.arange(len(labels)), labels)
-        ax.invert_yaxis()  # first model on top
-        ax.set_title(dataset)
-        ax.set_xlabel(f"log p(x) - bound ({NATS_LABEL})")
-    handles = dict(zip(*reversed(_unique_handles(fig))))
-    _legend_right(fig, [handles[b] for b in bounds], bounds, title="bound")
-    fig.suptitle("Gap to log p(x) (exact, else best estimate)")
+    datasets = sorted(points.loc[stepped | (points["x"] >= 2), "dataset"].unique())
+    series_order = _series_order(points[points["dataset"].isin(datasets)])
+    colors = _palette(series_order, sns)
+    styles = _bound_styles(points.loc[points["kind"] == "bound", "column"].unique())
+    panels = []
+    for dataset in datasets:
+        mine = points[points["dataset"] == dataset]
+        bounds = mine[mine["kind"] == "bound"]
+        reference = _reference_log_marginal(mine)
+        shown = [*bounds.loc[bounds["column"].isin([*styles, CONTINUOUS_ELBO]), "value"],
+                 *([reference[0]] if reference else [])]
+        panels.append((dataset, bounds, reference, min(shown), max(shown)))
+    zoomed = [_symlog_span(low, high) > SYMLOG_MIN_DECADES for *_, low, high in panels]
+    rows = 2 if any(zoomed) else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(6.5 * len(panels), 4.6 * rows), squeeze=False)
+    has_continuous = False
+    for column, ((dataset, bounds, reference, low, high), wide) in enumerate(zip(panels, zoomed)):
+        ax = axes[0, column]
+        has_continuous |= _draw_steps_panel(ax, bounds, colors, styles, reference)
+        title = dataset if reference is None else f"{dataset}\nlog p(x) = {reference[0]:.3g} ({reference[2]})"
+        ax.set_title(title, fontsize="medium")
+        ax.set_ylabel(f"bound ({NATS_LABEL}, {'symlog' if wide else 'linear'} scale)")
+        if wide:
+            ax.set_yscale("symlog", **SYMLOG_NATS)
+            ax.set_ylim(_symlog_limits(low, high))
+        if rows == 1:
+            continue
+        zoom = axes[1, column]
+        if not wide:
+            zoom.set_visible(False)
+            continue
+        _draw_steps_panel(zoom, bounds, colors, styles, reference)
+        top = _from_symlog(_to_symlog(high) + 0.03)
+        bottom = _from_symlog(_to_symlog(high) - ZOOM_DECADES)
+        zoom.set_ylim(bottom, top)
+        zoom.set_title(f"{dataset}, zoomed on the top {ZOOM_DECADES:g} decades", fontsize="medium")
+        zoom.set_ylabel(f"bound ({NATS_LABEL}, linear scale)")
+    Line2D = importlib.import_module("matplotlib.lines").Line2D
+    shown_series = [s for s in series_order if s in set(points.loc[points["dataset"].isin(datasets), "series"])]
+    series_handles = [Line2D([], [], color=colors[s], linewidth=6) for s in shown_series]
+    style_handles, style_labels = _style_legend(styles, has_continuous,
+                                                "log p(x)" if any(p[2] for p in panels) else None)
+    blank = Line2D([], [], linestyle="none")
+    _legend_right(fig, series_handles + [blank] + style_handles, shown_series + [""] + style_labels,
+                  title="series (colour), bound (style)")
+    fig.suptitle("Bound vs number of steps: a diffusion's T and a hierarchy's L on one axis")
     return fig
 
 
-def _step_index(layer: str, position: int) -> int:
-    """t of a VDM layer name like 'z_12' (its last integer), else its position."""
+def _gap_rows(points: pd.DataFrame, reference: float, reference_stderr: float) -> pd.DataFrame:
+    """One bar group per config (ELBO and the largest-K IWAE), one more per continuous-time series (ELBO_inf)."""
+    bounds = points[points["kind"] == "bound"]
+    styles = _bound_styles(bounds["column"].unique())
+    records = []
+    for _, cell in bounds.iterrows():
+        if cell["column"] in styles:
+            name = _point_name(cell["series"], cell["family"], cell["x"])
+            records.append({"row": name, "bound": cell["column"], "family": cell["family"], "series": cell["series"],
+                            "x": cell["x"], "value": cell["value"], "stderr": cell["stderr"]})
+    for series, cells in bounds[bounds["column"] == CONTINUOUS_ELBO].groupby("series", sort=False):
+        records.append({"row": f"{series} T=inf", "bound": CONTINUOUS_ELBO, "family": DIFFUSION, "series": series,
+                        "x": np.inf, "value": float(cells["value"].mean()), "stderr": float(cells["stderr"].mean())})
+    rows = pd.DataFrame.from_records(records)
+    if rows.empty:
+        return rows
+    rows["gap"] = reference - rows["value"]
+    rows["gap_stderr"] = np.hypot(reference_stderr, rows["stderr"].fillna(0))
+    return rows.sort_values(["family", "series", "x"], na_position="last", kind="stable")
+
+
+def gap(summary: pd.DataFrame, plt, sns):
+    """log p(x) - bound per config, VAE -> HVAE by L -> diffusion by T (then T = inf), a panel per dataset.
+
+    log p(x) is one reference per dataset: the exact value where a model has it (the oracle's is the
+    data's density), else the highest estimate any model reached. So the gap is the distance from each
+    bound to the best log-likelihood known for the data (model misfit plus variational gap).
+    """
+    points = placed(summary)
+    panels = []
+    for dataset in sorted(points["dataset"].unique()):
+        mine = points[points["dataset"] == dataset]
+        reference = _reference_log_marginal(mine)
+        if reference is None:
+            continue
+        rows = _gap_rows(mine, reference[0], reference[1])
+        if not rows.empty:
+            panels.append((dataset, reference, rows))
+    if not panels:
+        return None
+    heights = [0.6 + 0.3 * rows["row"].nunique() for _, _, rows in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), max(heights) + 1.0), squeeze=False)
+    bounds = sorted({b for _, _, rows in panels for b in rows["bound"]}, key=bound_order)
+    colors = _palette(bounds, sns)
+    for ax, (dataset, reference, rows) in zip(axes[0], panels):
+        names = list(dict.fromkeys(rows["row"]))
+        present = [b for b in bounds if b in set(rows["bound"])]
+        width = 0.8 / len(present)
+        for i, bound in enumerate(present):
+            mine = rows[rows["bound"] == bound].drop_duplicates("row").set_index("row").reindex(names)
+            y = np.arange(len(names)) + (i - (len(present) - 1) / 2) * width
+            ax.barh(y, mine["gap"], width, xerr=mine["gap_stderr"].fillna(0), color=colors[bound], label=bound,
+                    capsize=2, error_kw={"linewidth": 0.8})
+        ax.set_yticks(np.arange(len(names)), names, fontsize="small")
+        ax.set_ylim(len(names) - 0.5, -0.5)  # first row on top
+        ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)
+        # Error bars are unpaired standard errors over examples (conservative: bound and log p(x) share the
+        # examples); they are cut at the smallest gap rather than stretch the axis past zero.
+        ax.set_xlim(left=min(0.0, float(rows["gap"].min()) * 1.5))
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{dataset}\nlog p(x) = {reference[0]:.3g} ({reference[2]})", fontsize="medium")
+        ax.set_xlabel(f"log p(x) - bound ({NATS_LABEL}, symlog scale)\nbars: +- standard error over examples")
+    handles = dict(zip(*reversed(_unique_handles(fig))))
+    _legend_right(fig, [handles[b] for b in bounds if b in handles], [b for b in bounds if b in handles],
+                  title="bound")
+    fig.suptitle("Gap to log p(x): one layer -> hierarchy (L layers) -> diffusion (T steps)")
+    return fig
+
+
+def _step_position(layer: str, position: int) -> int:
+    """t index of a diffusion layer name like 'z12' (its last integer), else its position."""
     numbers = re.findall(r"\d+", layer)
     return int(numbers[-1]) if numbers else position
 
 
+def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
+    """One line per T: the KL of the step t -> t - 1/T, times T (nats per unit time), at the step's middle.
+
+    The layer with the highest index is the top one, z_1 ~ q(z_1 | x) (its KL is the prior term, not a step):
+    left out. T x KL makes the lines of different T comparable: they tend to the continuous-time
+    integrand as T grows.
+    """
+    colors = importlib.import_module("matplotlib.colors")
+    cm = importlib.import_module("matplotlib.cm")
+    profiles = []
+    for _, mine in cells.groupby("config_hash", sort=False):
+        index = np.array([_step_position(layer, i) for i, layer in enumerate(mine["layer"])])
+        top = int(index.max())
+        steps = mine[index < top].assign(i=index[index < top]).sort_values("i")
+        if not steps.empty:
+            profiles.append((top, steps))
+    if not profiles:
+        return
+    norm = colors.LogNorm(min(t for t, _ in profiles), max(max(t for t, _ in profiles), 2))
+    for top, steps in sorted(profiles, key=lambda item: item[0]):
+        t = (steps["i"] + 0.5) / top
+        per_time = steps["value"] * top
+        positive = per_time > 0  # a Monte Carlo KL near 0 can come out negative: not drawable on a log axis
+        ax.plot(t[positive], per_time[positive], color=cm.viridis(norm(top)), marker="." if top <= 32 else None)
+    ax.set_yscale("log")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("time t of the step (t = 0: data)")
+    ax.set_ylabel("T x KL of the step (nats per unit t)")
+    bar = ax.figure.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, pad=0.02)
+    bar.ax.minorticks_off()
+    ticks = sorted({top for top, _ in profiles})
+    bar.set_ticks(ticks, labels=[str(t) for t in ticks])
+    bar.set_label("trajectory steps T (log scale)")
+
+
+def _kl_depth(ax, cells: pd.DataFrame, sns) -> None:
+    """One line per config: KL of each layer against its depth (1 = next to the data)."""
+    configs = cells.drop_duplicates("config_hash").sort_values("x", na_position="last")
+    shades = sns.color_palette("viridis", len(configs))
+    for color, (_, config) in zip(shades, configs.iterrows()):
+        mine = cells[cells["config_hash"] == config["config_hash"]]
+        order = natural_sorted(mine["layer"])
+        mine = mine.set_index("layer").loc[order]
+        depth = np.arange(1, len(order) + 1)
+        ax.errorbar(depth, mine["value"], yerr=mine["stderr"].fillna(0), color=color, marker="o", ms=4, capsize=2,
+                    label=_point_name(config["series"], config["family"], config["x"]))
+    ax.set_xlabel("layer l (1: next to the data)")
+    ax.set_ylabel(f"KL ({NATS_LABEL})")
+    ax.legend(fontsize="x-small")
+
+
 def kl_layers(summary: pd.DataFrame, plt, sns):
-    """KL per layer for models with more than one layer; a profile along t for many layers (VDM)."""
-    kl = summary[summary["kind"] == "kl"]
-    groups = [(key, cells) for key, cells in kl.groupby(["dataset", "label"], sort=True) if len(cells) > 1]
+    """KL per stochastic layer, a panel per (dataset, series): the per-step profile along t for a diffusion
+    (one line per T), KL against depth for a hierarchy (one line per L). Series with one layer are left out."""
+    points = placed(summary)
+    kl = points[points["kind"] == "kl"]
+    groups = [(key, cells) for key, cells in kl.groupby(["dataset", "series"], sort=True)
+              if cells.groupby("config_hash")["layer"].nunique().max() > 1]
     if not groups:
         return None
+    groups.sort(key=lambda item: (item[0][0], item[1]["family"].iloc[0], item[0][1]))
     fig, axes = _panels(len(groups), plt)
-    color = sns.color_palette("tab10")[0]
-    for ax, ((dataset, label), cells) in zip(axes, groups):
-        order = natural_sorted(cells["layer"])
-        cells = cells.set_index("layer").loc[order]
-        if len(order) >= KL_PROFILE_MIN_LAYERS:
-            t = [_step_index(layer, i) for i, layer in enumerate(order, start=1)]
-            ax.plot(t, cells["value"], color=color, marker="." if len(t) <= 100 else None)
-            ax.fill_between(t, cells["value"] - cells["stderr"].fillna(0), cells["value"] + cells["stderr"].fillna(0),
-                            color=color, alpha=0.25, linewidth=0)
-            ax.set_xlabel("step t (layer z_t)")
+    for ax, ((dataset, series), cells) in zip(axes, groups):
+        if cells["family"].iloc[0] == DIFFUSION:
+            _kl_profile(ax, cells, sns)
+            ax.set_title(f"{dataset}: {series}, KL per step", fontsize="medium")
         else:
-            ax.bar(range(len(order)), cells["value"], yerr=cells["stderr"].fillna(0), color=color, capsize=3)
-            ax.set_xticks(range(len(order)), order)
-            ax.set_xlabel("layer")
-        ax.set_title(f"{dataset}: {label}", fontsize="medium")
-        ax.set_ylabel(f"KL ({NATS_LABEL})")
-    fig.suptitle("KL per layer")
+            _kl_depth(ax, cells, sns)
+            ax.set_title(f"{dataset}: {series}, KL per layer", fontsize="medium")
+    fig.suptitle("KL per layer: per diffusion step along t (top layer z_1 left out), per hierarchy layer")
     return fig
 
 
@@ -231,51 +507,6 @@ def throughput(summary: pd.DataFrame, plt, sns):
         ax.set_ylabel("throughput (samples/s, log scale)")
     _legend_right(fig, *_unique_handles(fig), title="estimator, device")
     fig.suptitle("Throughput")
-    return fig
-
-
-def _steps_panels(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """Panels of models that have a `steps` key: one per (dataset, model, other config overrides)."""
-    stepped = summary[summary["model_config"].map(_has_steps)]
-    if stepped.empty or not stepped["model_config"].map(lambda c: STEPS_KEY in c and not _is_continuous(c)).any():
-        return []
-    rest = stepped["model_config"].map(
-        lambda c: json.dumps({k: v for k, v in c.items() if k not in (STEPS_KEY, TIME_KEY)}, sort_keys=True))
-    panels = []
-    for (dataset, model, other), cells in stepped.assign(rest=rest).groupby(["dataset", "model", "rest"], sort=True):
-        extra = ", ".join(f"{k}={v}" for k, v in json.loads(other).items())
-        panels.append((f"{dataset}: {model}" + (f" ({extra})" if extra else ""), cells))
-    return panels
-
-
-def bound_vs_steps(summary: pd.DataFrame, plt, sns):
-    """Bound against the number of steps T (log axis), with log p(x) and the continuous-time value."""
-    panels = _steps_panels(summary)
-    if not panels:
-        return None
-    fig, axes = _panels(len(panels), plt)
-    bounds = sorted(summary.loc[summary["kind"] == "bound", "column"].unique(), key=bound_order)
-    colors = _palette(bounds, sns)
-    for ax, (title, cells) in zip(axes, panels):
-        continuous = cells["model_config"].map(_is_continuous)
-        discrete = cells[~continuous & (cells["kind"] == "bound")].copy()
-        discrete["T"] = discrete["model_config"].map(lambda c: c[STEPS_KEY])
-        for bound, line in discrete.groupby("column", sort=False):
-            line = line.sort_values("T")
-            ax.errorbar(line["T"], line["value"], yerr=line["stderr"].fillna(0), color=colors[bound], marker="o",
-                        ms=4, capsize=2, label=f"{bound} (discrete T)")
-        for _, ref in cells[continuous & (cells["kind"] == "bound")].iterrows():
-            ax.axhline(ref["value"], color=colors[ref["column"]], linestyle=":", linewidth=1.5,
-                       label=f"{ref['column']} (continuous time)")
-        logp = _best_log_marginal(cells)
-        if logp is not None:
-            ax.axhline(logp[0], color="black", linestyle="--", linewidth=1, label=f"log p(x) ({logp[1]})")
-        ax.set_xscale("log")
-        ax.set_title(title, fontsize="medium")
-        ax.set_xlabel("steps T (log scale)")
-        ax.set_ylabel(f"bound ({NATS_LABEL})")
-    _legend_right(fig, *_unique_handles(fig))
-    fig.suptitle("Bound vs number of diffusion steps")
     return fig
 
 

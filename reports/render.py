@@ -10,7 +10,8 @@ import pandas as pd
 from reports.formatting import cell_parts, plain_text
 from reports.table import ComparisonTable
 
-NOTE_COLUMNS = {"log p(x)": "log p(x) from", "gap": "gap to"}
+NOTE_COLUMNS = {"log p(x)": "log p(x) from", "gap": "gap to", "published NLL": "source",
+                "measured NLL": "our model", "difference": "protocol"}
 
 
 def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], list[list[str]]]:
@@ -29,7 +30,8 @@ def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], 
                 cell = table.cell(row, column.id)
             except KeyError:
                 cell = None
-            line.append("" if cell is None else render_cell(cell, table.unit))
+            empty = cell is None or pd.isna(cell["value"])  # e.g. no difference across protocols
+            line.append("" if empty else render_cell(cell, table.unit))
             if column.id in NOTE_COLUMNS:
                 line.append("" if cell is None else render_note(cell["note"]))
         body.append(line)

@@ -16,6 +16,7 @@ IMAGE_DIMS: dict[str, int] = {
 
 NATS = "nats"
 BITS_PER_DIM = "bits/dim"
+NLL_NATS = "NLL nats"  # negative log-likelihood per example, beside published numbers
 
 # How a kind of quantity converts to bits/dim: log-likelihoods (bounds, log p(x)) turn into a
 # negative log-likelihood (-value / (D ln 2), lower is better); non-negative quantities in nats

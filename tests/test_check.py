@@ -396,3 +396,12 @@ def test_committed_regression_baseline_matches_the_suite():
     assert in_baseline == in_suite
     assert {model for _, model, _ in in_suite} == set(vaes.list_models())
     assert {key[-1] for key in cells} >= {"elbo", "iwae", "log_marginal", "kl"}
+
+
+def test_metric_policies_bounds_compared_parts_informational():
+    assert check.policy_of("diffusion_elbo") is check.compare_bound
+    assert check.policy_of("log_marginal") is check.compare_bound
+    # The parts of the diffusion ELBO (prior and diffusion are KL-like) and per-layer KLs never fail.
+    for part in ("diffusion_elbo/reconstruction", "diffusion_elbo/prior", "diffusion_elbo/diffusion", "kl/z1"):
+        assert check.policy_of(part) is check.compare_information, part
+    assert check.policy_of("elbo/part") is None and check.policy_of("ess") is None

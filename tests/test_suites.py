@@ -1,10 +1,14 @@
 """Suite TOML parsing: the schema, the defaults, and errors that name the key."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from bench.runner import prepare
 from bench.suites import SuiteError, available_suites, load_suite, parse_suite, select
+from vaes.base import config_hash
 
 
 def _suite(**overrides) -> dict:
@@ -29,8 +33,8 @@ def _parse(contents: dict):
 
 
 def test_shipped_suites_load_and_prepare():
-    assert {"smoke", "default"} <= set(available_suites())
-    for name in ("smoke", "default"):
+    assert {"smoke", "default", "steps"} <= set(available_suites())
+    for name in ("smoke", "default", "steps"):
         plan = prepare(load_suite(name))
         assert plan.n_cells == sum(len(f.cells) for f in plan.fits) and plan.fits
 
@@ -80,6 +84,80 @@ def test_errors_name_the_key(change, message):
         prepare(_parse(_suite(**change)))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+VDM_ON_DIGITS = {"name": "vdm", "config": {"time": "continuous", "hidden": [8]}, "datasets": ["digits"]}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"eval_configs": {"log_weights_steps": 2}}, "models[0].eval_configs must be a non-empty array of tables"),
+    ({"eval_configs": []}, "models[0].eval_configs must be a non-empty array of tables"),
+    ({"eval_configs": [3]}, "models[0].eval_configs[0] must be a table, got 3"),
+    ({"eval_configs": [{"data_dim": 3}]}, "models[0].eval_configs[0].data_dim is set from each dataset"),
+    ({"eval_configs": [{"log_weights_steps": 2}, {"log_weights_steps": 2}]},
+     "models[0].eval_configs[1] repeats an earlier evaluation {'log_weights_steps': 2}"),
+    ({"eval_configs": [{"hidden": [16]}]},
+     ("models[0].eval_configs[0].hidden is not an evaluation-only setting of model 'vdm' (training reads it: give it "
+      "its own model entry); evaluation-only settings: log_weights_steps")),
+    ({"config": {"time": "discrete", "steps": 4}, "eval_configs": [{"steps": 8}]},
+     ("models[0].eval_configs[0].steps is not an evaluation-only setting of model 'vdm' (training reads it: give it "
+      "its own model entry); evaluation-only settings: none with this config")),
+    ({"config": {"time": "continuous", "objective": {"name": "iwae", "k": 2}},
+      "eval_configs": [{"log_weights_steps": 8}]},  # trained through log_weights: T is part of training
+     "models[0].eval_configs[0].log_weights_steps is not an evaluation-only setting of model 'vdm'"),
+    ({"eval_configs": [{"log_weights_steps": "a"}]},
+     "models[0].eval_configs[0].log_weights_steps must be an integer, got 'a'"),
+    ({"eval_configs": [{"log_weights_steps": 0}]},
+     "models[0].eval_configs[0] (vdm (log_weights_steps=0)) is not a valid configuration: log_weights_steps must be"),
+    ({"estimators": ["elbo", "nope"]},
+     "models[0].estimators[1] names 'nope', which is not among the suite's estimators (elbo, iwae, log_marginal)"),
+    ({"estimators": []}, "models[0].estimators must be a non-empty list of names"),
+])
+def test_eval_config_and_estimator_errors_name_the_key(entry, message):
+    with pytest.raises(SuiteError) as info:
+        prepare(_parse(_suite(models=[{**VDM_ON_DIGITS, **entry}])))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_eval_configs_of_a_plain_model_are_refused():
+    entry = {"name": "vae", "config": {"latent_dim": 2}, "eval_configs": [{"latent_dim": 3}]}
+    with pytest.raises(SuiteError, match=r"models\[0\]\.eval_configs\[0\]\.latent_dim is not an evaluation-only "
+                                         r"setting of model 'vae' .*evaluation-only settings: none with this config"):
+        prepare(_parse(_suite(models=[entry])))
+
+
+def test_rows_of_two_entries_may_not_share_a_label():
+    models = [{**VDM_ON_DIGITS, "eval_configs": [{"log_weights_steps": 2}]},
+              {**VDM_ON_DIGITS, "label": "vdm (log_weights_steps=2)"}]
+    with pytest.raises(SuiteError, match=r"models\[0\] labels rows 'vdm \(log_weights_steps=2\)', as another entry"):
+        _parse(_suite(models=models))
+
+
+def test_eval_configs_expand_into_evaluations_of_one_fit():
+    models = [{**VDM_ON_DIGITS, "eval_configs": [{"log_weights_steps": 1}, {"log_weights_steps": 2}, {}]},
+              {"name": "vae", "config": {"latent_dim": 2, "hidden": [8]}, "estimators": ["iwae"]}]
+    plan = prepare(_parse(_suite(models=models)))
+    vdm = next(f for f in plan.fits if f.model.name == "vdm")
+    assert [e.label for e in vdm.evaluations] == ["vdm (log_weights_steps=1)", "vdm (log_weights_steps=2)", "vdm"]
+    assert [e.overrides for e in vdm.evaluations] == [{**VDM_ON_DIGITS["config"], "log_weights_steps": 1},
+                                                      {**VDM_ON_DIGITS["config"], "log_weights_steps": 2},
+                                                      VDM_ON_DIGITS["config"]]
+    hashes = [e.config_hash for e in vdm.evaluations]
+    assert len(set(hashes)) == 3 and hashes[2] == vdm.config_hash  # {}: the trained config itself
+    # One training cell, then every estimator cell of the suite (elbo, iwae x 2, log_marginal) per evaluation.
+    assert [c.estimator for c in vdm.cells].count("train") == 1 and len(vdm.cells) == 1 + 3 * 4
+    ids = [c.cell_id for f in plan.fits for c in f.cells]
+    assert len(set(ids)) == len(ids)
+    # The entry's `estimators` keeps only those: the vae gets its iwae K grid and nothing else.
+    vae = [f for f in plan.fits if f.model.name == "vae"]
+    assert len(vae) == 2 and all([c.estimator for c in f.cells] == ["train", "iwae", "iwae"] for f in vae)
+    # An entry without eval_configs keeps the cell ids it had before they existed (a resume still matches).
+    fit, cell = vae[0], vae[0].cells[1]
+    identity = {"dataset": fit.dataset, "split": "test", "model": "vae", "config_hash": fit.config_hash,
+                "train": config_hash(fit.train_config), "seed": 0, "estimator": "iwae", "k": 1, "params": {},
+                "n_examples": None}
+    assert cell.cell_id == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_malformed_toml_names_the_file(tmp_path):

@@ -63,20 +63,30 @@ def test_bad_arguments_name_the_problem():
 
 # --- the fast (blocked, folded) Bernoulli decoder gives the plain decoder's values ---------------
 
+@pytest.mark.parametrize("name, config", [
+    ("vae", {"hidden": (30, 20), "latent_dim": 5}),
+    ("hvae", {"hidden": ((30, 20), (12,)), "latent_dims": (5, 3)}),  # the same decoder path in the hierarchy
+])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
-def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(dtype, tolerance):
+def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(name, config, dtype, tolerance):
     from vaes import create_model
+    from vaes.layers import decoder_log_prob
 
-    model = create_model("vae", hidden=(30, 20), latent_dim=5, data_dim=40).to(dtype).eval()
+    model = create_model(name, data_dim=40, **config).to(dtype).eval()
     with torch.no_grad():  # larger weights and biases: logits well past softplus's linear range
         for parameter in model.decoder.parameters():
             parameter.normal_(0.0, 2.0)
     x = (torch.rand(33, 40) < 0.4).to(dtype)
     z = torch.randn(7, 33, 5, dtype=dtype)
     with torch.inference_mode():
-        fast = model._log_likelihood(x, z)
+        fast = decoder_log_prob(model.decoder, model.likelihood, x, z)
+        torch.manual_seed(1)
+        fast_weights = model.log_weights(x, 3).log_likelihood  # the model's own route to the fast path
     plain = model.likelihood.log_prob(x, model.decoder(z)).detach()  # autograd on: the plain path
+    torch.manual_seed(1)
+    plain_weights = model.log_weights(x, 3).log_likelihood.detach()
     # Only rounding differs (sigmoid form of tanh, x-term folded into the last layer): float64
     # agrees to ~1e-12 of values of a few hundred nats, float32 to ~1e-6 relative.
     assert fast.shape == plain.shape == (7, 33)
+    assert torch.allclose(fast_weights, plain_weights, rtol=0, atol=tolerance * plain_weights.abs().max().item() / 100)
     assert torch.allclose(fast, plain, rtol=0, atol=tolerance * plain.abs().max().item() / 100)

@@ -248,6 +248,71 @@ def test_truncated_or_mismatched_checkpoints_give_a_clear_error(digits, tmp_path
         train_model("vae", SMALL_MLP, digits, CACHED, device=CPU, cache_dir=tmp_path, progress=False)
 
 
+# --- resuming an interrupted run ---------------------------------------------------------------------
+
+# Digits: 1297 training examples, 13 steps per epoch at batch 100; 4 stages of 1:3:9:27 over 8 epochs end
+# mid-epoch (steps 3, 11, 34 of 104), so the resume state must also carry the epoch's batch order.
+STAGED = TrainConfig(epochs=8, batch_size=100, schedule="iwae-stages", stages=4, eval_every=7)
+
+
+class _Interrupted(Exception):
+    """Stands for a kill right after the n-th resume state was written."""
+
+
+def _interrupt_after(monkeypatch, saves: int) -> list[int]:
+    """Make training stop right after its ``saves``-th resume state; returns the steps saved at."""
+    import bench.train as train_module
+
+    saved_at: list[int] = []
+    original = train_module._ResumeFile.save
+
+    def save_then_stop(self, model, optimizer, scheduler, order_gen, device, progress):
+        original(self, model, optimizer, scheduler, order_gen, device, progress)
+        saved_at.append(progress.step)
+        if len(saved_at) == saves:
+            raise _Interrupted
+
+    monkeypatch.setattr(train_module._ResumeFile, "save", save_then_stop)
+    return saved_at
+
+
+@pytest.mark.parametrize("saves", [1, 3, 5])  # a stage end mid-epoch, an epoch end, a later stage end
+def test_an_interrupted_run_resumes_to_the_same_weights_bit_for_bit(digits, tmp_path, monkeypatch, saves):
+    whole = train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, progress=False)
+    saved_at = _interrupt_after(monkeypatch, saves)
+    with pytest.raises(_Interrupted):
+        train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, cache_dir=tmp_path, progress=False,
+                    resume_interval_s=0.0)
+    monkeypatch.undo()
+    resume_files = list(tmp_path.glob("*.resume.pt"))
+    assert len(resume_files) == 1 and list(tmp_path.iterdir()) == resume_files  # no final checkpoint yet
+    resumed = train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, cache_dir=tmp_path, progress=False)
+    assert resumed.from_cache is False and resumed.steps == whole.steps == 8 * 13
+    assert _parameters_equal(resumed.model, whole.model)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    assert not resume_files[0].exists()  # gone once the final checkpoint is written
+    # Every stage end (steps 3, 11, 34) and every epoch end (multiples of 13) wrote a state, in order.
+    assert saved_at == sorted({3, 11, 13, 26, 34, 39, 52, 65, 78, 91})[:saves]
+
+
+def test_stage_ends_are_saved_even_within_the_interval(digits, tmp_path, monkeypatch):
+    saved_at = _interrupt_after(monkeypatch, saves=99)
+    train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, cache_dir=tmp_path, progress=False,
+                resume_interval_s=3600.0)
+    assert saved_at == [3, 11, 34]
+
+
+def test_a_resume_state_of_another_cell_is_refused(digits, tmp_path):
+    from bench.train import resume_path
+
+    model = initial_model("vae", SMALL_MLP, digits, STAGED)
+    path = checkpoint_path(tmp_path, "vae", digits, checkpoint_key("vae", model, digits, STAGED))
+    torch.save({"key": "another-cell", "state_dict": model.state_dict()}, resume_path(path))
+    with pytest.raises(CheckpointError, match="resume.pt: it is not a checkpoint of this training cell"):
+        train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, cache_dir=tmp_path, progress=False)
+
+
 # --- failure modes and bad input -------------------------------------------------------------------
 
 def test_nan_loss_raises_a_clear_error():

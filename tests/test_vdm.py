@@ -7,6 +7,7 @@ settings are compared, the model's own per-example standard errors
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -65,11 +66,11 @@ def test_loss_terms_backward_and_fixed_end_points():
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(time="discrete-ish"), "unknown time"),
-    (dict(steps=0), "steps must be an integer >= 1"),
-    (dict(likelihood="poisson"), "unknown likelihood"),
-    (dict(schedule="quadratic"), "unknown noise schedule"),
-    (dict(gamma_min=1.0, gamma_max=0.0), "gamma_min < gamma_max"),
+    ({"time": "discrete-ish"}, "unknown time"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"likelihood": "poisson"}, "unknown likelihood"),
+    ({"schedule": "quadratic"}, "unknown noise schedule"),
+    ({"gamma_min": 1.0, "gamma_max": 0.0}, "gamma_min < gamma_max"),
 ])
 def test_bad_config_is_one_clear_error(config, message):
     with pytest.raises(ValueError, match=message):
@@ -78,7 +79,7 @@ def test_bad_config_is_one_clear_error(config, message):
 
 def test_config_hash_separates_time_and_steps():
     hashes = {create_model("vdm", data_dim=4, **c).config_hash() for c in
-              [dict(time="discrete", steps=8), dict(time="discrete", steps=16), dict(time="continuous")]}
+              [{"time": "discrete", "steps": 8}, {"time": "discrete", "steps": 16}, {"time": "continuous"}]}
     assert len(hashes) == 3
     assert VDMConfig(hidden=[8, 8]) == VDMConfig(hidden=(8, 8))
 
@@ -128,7 +129,7 @@ def test_doubling_steps_never_hurts_with_the_optimal_denoiser_plugged_in():
 
 
 def test_continuous_loss_is_the_limit_of_the_discrete_one_for_a_network():
-    model_kw = dict(data_dim=10, likelihood="bernoulli", hidden=(32,))
+    model_kw = {"data_dim": 10, "likelihood": "bernoulli", "hidden": (32,)}
     continuous = create_model("vdm", time="continuous", **model_kw)
     _random_network(continuous)
     x = _binary(500, 10)
@@ -146,11 +147,11 @@ def test_continuous_loss_is_the_limit_of_the_discrete_one_for_a_network():
         excess = loss(steps=steps) - limit
         errors.append(float(excess.mean().abs()))
     assert errors[-1] <= Z * _paired_se(loss(steps=1024) - limit) + 0.01 * float(limit.mean())
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-2] / errors[-1] > 2.5  # shrinks like 1/T (a factor 4 per factor 4 in T)
 
 
-@pytest.mark.parametrize("config", [dict(steps=8), dict(steps=128), dict(time="continuous")])
+@pytest.mark.parametrize("config", [{"steps": 8}, {"steps": 128}, {"time": "continuous"}])
 def test_gaussian_data_with_its_optimal_denoiser_matches_the_analytic_elbo(config):
     mixture = get_mixture("single-4d")
     x = mixture.sample(1500, torch.Generator().manual_seed(2))
@@ -191,3 +192,32 @@ def test_doubling_steps_never_hurts_for_a_trained_network():
     # Training did something: the trained network beats its own initialisation's loss by a wide margin.
     untrained = _diffusion_loss(create_model("vdm", data_dim=2, likelihood="gaussian", steps=64, hidden=(64, 64)), x)
     assert float(untrained.mean() - trained.mean()) > 1.0
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"time": "continuous"}, ("log_weights_steps",)),
+    ({"time": "discrete", "steps": 8}, ()),  # L_T is trained: T is part of training
+    ({"time": "continuous", "objective": {"name": "iwae", "k": 2}}, ()),  # trained through log_weights
+])
+def test_evaluation_only_fields_are_those_training_never_reads(config, expected):
+    assert create_model("vdm", data_dim=4, **config).config.evaluation_only_fields() == expected
+    assert create_model("vdm-oracle", time=config["time"]).config.evaluation_only_fields() == (
+        ("log_weights_steps",) if config["time"] == "continuous" else ())
+
+
+def test_one_continuous_time_state_serves_every_T():
+    """The network takes t itself: the state has the same keys and shapes at every T and loads into each."""
+    kw = {"data_dim": 6, "likelihood": "bernoulli", "time": "continuous", "hidden": (16,)}
+    trained = create_model("vdm", **kw, log_weights_steps=32)
+    _random_network(trained)
+    shapes = {name: t.shape for name, t in trained.state_dict().items()}
+    x = _binary(50, 6)
+    limits = []
+    for steps in [1, 2, 64]:
+        model = create_model("vdm", **kw, log_weights_steps=steps)
+        assert {name: t.shape for name, t in model.state_dict().items()} == shapes
+        model.load_state_dict(trained.state_dict())
+        assert len(model.layers) == steps + 1 and model.trajectory_steps == steps
+        with torch.no_grad():  # the training loss (L_inf) does not see log_weights_steps at all
+            limits.append(model.diffusion_loss_terms(x, samples=4, generator=torch.Generator().manual_seed(1)).elbo)
+    assert all(torch.equal(limits[0], other) for other in limits[1:])

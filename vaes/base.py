@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,15 @@ class Objective:
             raise ValueError(f"objective k must be an integer >= 1, got {self.k!r}")
         if self.beta < 0:
             raise ValueError(f"objective beta must be >= 0, got {self.beta!r}")
+
+
+def as_objective(value: "Objective | Mapping") -> Objective:
+    """An Objective from itself or from a mapping of its fields (a suite file spells it as a table)."""
+    if isinstance(value, Mapping):
+        value = Objective(**value)
+    if not isinstance(value, Objective):
+        raise ValueError(f"objective must be an Objective or a mapping of its fields, got {value!r}")
+    return value
 
 
 def config_hash(config: object) -> str:

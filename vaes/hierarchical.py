@@ -11,13 +11,13 @@ is exactly the MLP VAE (same modules, same random draws).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, Objective, check_k, diagonal_normal_log_prob, standard_normal_log_prob
-from .layers import GaussianHead, make_likelihood, mlp, reparameterize
+from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_log_prob, standard_normal_log_prob
+from .layers import BernoulliLikelihood, GaussianHead, decoder_log_prob, make_likelihood, mlp, reparameterize
 from .registry import register_model
 
 # Draws of the lower layers averaged in posterior_means for layers >= 2: the Monte
@@ -80,10 +80,7 @@ class HVAEConfig:
         # TOML and JSON give lists; the hash and equality need tuples, one entry per layer.
         object.__setattr__(self, "latent_dims", _layer_latents(self.latent_dims, self.n_layers))
         object.__setattr__(self, "hidden", _layer_hidden(self.hidden, self.n_layers))
-        if isinstance(self.objective, Mapping):  # a suite file spells the objective as a table
-            object.__setattr__(self, "objective", Objective(**self.objective))
-        if not isinstance(self.objective, Objective):
-            raise ValueError(f"objective must be an Objective or a mapping of its fields, got {self.objective!r}")
+        object.__setattr__(self, "objective", as_objective(self.objective))
         sizes = {"data_dim": [self.data_dim], "latent_dims": list(self.latent_dims),
                  "hidden": [w for widths in self.hidden for w in widths]}
         for name, values in sizes.items():
@@ -159,7 +156,7 @@ class HierarchicalVAE(LatentVariableModel):
         log_prior = {name: diagonal_normal_log_prob(zs[l - 1], *self.down[l - 1](zs[l]))
                      for l, name in enumerate(self.layers[:-1], start=1)}
         log_prior[self.layers[-1]] = standard_normal_log_prob(zs[-1])
-        log_likelihood = self.likelihood.log_prob(x, self.decoder(zs[0]))
+        log_likelihood = decoder_log_prob(self.decoder, self.likelihood, x, zs[0])
         return log_likelihood, {name: log_prior[name] for name in self.layers}
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
@@ -197,12 +194,17 @@ class HierarchicalVAE(LatentVariableModel):
             self.decoder[-1].bias.copy_(_OUTPUT_BIAS_FROM_MEAN[self.config.likelihood](train_mean))
 
     def draw_nbytes(self, x: Tensor) -> int:
-        """Per draw and example: the decoder output and its temporaries (6 D), the two widest live MLP
-        activations, and per layer z, eps, q's and p's mean and log sigma (6 n_l)."""
+        """Per draw and example: per layer z, eps, q's and p's mean and log sigma (6 n_l); the two widest
+        live MLP activations; and, unless the blocked Bernoulli decoder runs, the decoder output and its
+        temporaries (6 D)."""
         c = self.config
+        per_layer = 6 * sum(c.latent_dims)
+        if isinstance(self.likelihood, BernoulliLikelihood):
+            # The blocked decoder's buffers do not grow with K; the upper layers' MLPs run per draw.
+            upper = max((w for ws in c.hidden[1:] for w in ws), default=0)
+            return x.shape[0] * x.element_size() * (2 * upper + per_layer + 8)
         widest = max((c.data_dim, *(w for ws in c.hidden for w in ws)))
-        per_example = 6 * c.data_dim + 2 * widest + 6 * sum(c.latent_dims)
-        return x.shape[0] * x.element_size() * per_example
+        return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest + per_layer)
 
 
 @register_model("hvae")

@@ -179,6 +179,20 @@ def bernoulli_mlp_log_prob(layers: list[FoldedLinear], x: Tensor, z: Tensor) -> 
     return out.view(k, batch)
 
 
+def decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    """log p(x | z) [K, B] of an MLP decoder's likelihood; x [B, D], z [K, B, n].
+
+    Without autograd (estimators run under inference mode) a Bernoulli decoder of
+    foldable layers takes the fast blocked path; training takes the plain path so
+    gradients flow. Both give the same values up to rounding.
+    """
+    if not torch.is_grad_enabled() and isinstance(likelihood, BernoulliLikelihood):
+        folded = fold_mlp(decoder)
+        if folded is not None:
+            return bernoulli_mlp_log_prob(folded, x, z)
+    return likelihood.log_prob(x, decoder(z))
+
+
 def make_likelihood(name: str, data_dim: int) -> nn.Module:
     factories = {"bernoulli": lambda: BernoulliLikelihood(), "gaussian": lambda: GaussianLikelihood(data_dim)}
     if name not in factories:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import LatentVariableModel, LogWeights, Objective, check_k, diagonal_normal_kl, standard_normal_log_prob
-from .layers import BernoulliLikelihood, GaussianHead, bernoulli_mlp_log_prob, fold_mlp, make_likelihood, mlp, reparameterize
+from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_kl, standard_normal_log_prob
+from .layers import BernoulliLikelihood, GaussianHead, decoder_log_prob, make_likelihood, mlp, reparameterize
 from .registry import register_model
 
 
@@ -27,6 +27,7 @@ class MLPVAEConfig:
     def __post_init__(self) -> None:
         # TOML and JSON give lists; the hash and equality need the tuple.
         object.__setattr__(self, "hidden", tuple(self.hidden))
+        object.__setattr__(self, "objective", as_objective(self.objective))
         if self.data_dim < 1 or self.latent_dim < 1 or any(h < 1 for h in self.hidden):
             raise ValueError(f"MLPVAEConfig sizes must be positive: {self}")
 
@@ -54,24 +55,8 @@ class MLPVAE(LatentVariableModel):
         check_k(k)
         mean, log_std = self.encode(x)  # the encoder runs once per example, not per draw
         z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
-        log_lik = self._log_likelihood(x, z)  # [K, B]
+        log_lik = decoder_log_prob(self.decoder, self.likelihood, x, z)  # [K, B]
         return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
-
-    def _folded_decoder(self):
-        """The decoder folded for the fast Bernoulli evaluation, or None where it does not apply.
-
-        Applies only without autograd (estimators run under inference mode); training
-        takes the plain path so gradients flow.
-        """
-        if torch.is_grad_enabled() or not isinstance(self.likelihood, BernoulliLikelihood):
-            return None
-        return fold_mlp(self.decoder)
-
-    def _log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
-        folded = self._folded_decoder()
-        if folded is None:
-            return self.likelihood.log_prob(x, self.decoder(z))
-        return bernoulli_mlp_log_prob(folded, x, z)
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         mean, log_std = self.encode(x)

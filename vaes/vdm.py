@@ -23,8 +23,8 @@ Decoders p(x | z_0), both without parameters:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from .base import (
     LatentVariableModel,
     LogWeights,
     Objective,
+    as_objective,
     check_k,
     diagonal_normal_kl,
     diagonal_normal_log_prob,
@@ -74,7 +75,7 @@ DATA_CODINGS: dict[str, DataCoding] = {
 @dataclass(frozen=True)
 class TimeMode:
     # steps of the discrete trajectory that ``log_weights`` samples
-    trajectory_steps: Callable[["DiffusionConfig"], int]
+    trajectory_steps: Callable[[DiffusionConfig], int]
     # (u ~ U[0, 1) [S, B], schedule, steps) -> (t [S, B], w [S, B]); the loss draw is w ||eps - eps_hat(z_t, t)||^2
     time_and_weight: Callable[[Tensor, NoiseSchedule, int], tuple[Tensor, Tensor]]
 
@@ -128,6 +129,17 @@ class DiffusionConfig:
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"need gamma_min < gamma_max, got {self.gamma_min} and {self.gamma_max}")
 
+    def evaluation_only_fields(self) -> tuple[str, ...]:
+        """Fields that training never reads, so one trained state serves every value of them.
+
+        In continuous time the loss is L_inf and ``log_weights_steps`` only sets the
+        discretization that log_weights (ELBO, IWAE, KL per step) samples: a suite may
+        evaluate one network at many T. The network takes t itself as input, so its
+        state has the same keys and shapes for every T. In discrete time ``steps`` sets
+        the training loss L_T, so nothing may change after training.
+        """
+        return ("log_weights_steps",) if self.time == "continuous" else ()
+
 
 @dataclass(frozen=True)
 class VDMConfig(DiffusionConfig):
@@ -140,9 +152,14 @@ class VDMConfig(DiffusionConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "hidden", tuple(self.hidden))  # TOML/JSON give lists
+        object.__setattr__(self, "objective", as_objective(self.objective))  # a suite spells it as a table
         if any(h < 1 for h in self.hidden) or self.fourier_features < 0:
             raise ValueError(f"VDMConfig sizes must be positive: hidden={self.hidden}, "
                              f"fourier_features={self.fourier_features}")
+
+    def evaluation_only_fields(self) -> tuple[str, ...]:
+        # Trained through log_weights (an "elbo" or "iwae" objective), the discretization is part of training.
+        return super().evaluation_only_fields() if self.objective.name == "diffusion" else ()
 
 
 # --- per-example loss terms -----------------------------------------------------------------------------
@@ -287,7 +304,7 @@ class DiffusionModel(LatentVariableModel):
         check_k(samples)
         y = self._signal(x)
         batch, dim = y.shape
-        opts = dict(dtype=torch.float64, device=y.device, generator=generator)
+        opts = {"dtype": torch.float64, "device": y.device, "generator": generator}
         offset = torch.rand(batch, **opts)
         u = torch.remainder(offset + torch.arange(samples, dtype=torch.float64, device=y.device)[:, None] / samples, 1.0)
         t, weight = self.time_mode.time_and_weight(u, self.schedule, self.config.steps)  # [S, B]

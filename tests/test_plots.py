@@ -1,0 +1,170 @@
+"""reports/plots.py on a hand-written steps-suite run: where each config sits on the T / L axis, and the
+numbers the bound-vs-steps, gap and KL-profile plots draw (read back from the matplotlib artists).
+
+No Monte Carlo: every expected number is computed from the rows written here; tolerances are float rounding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.store import ROW_COLUMNS
+from reports.cells import summarize
+from reports.load import load_results
+from reports.plots import (
+    DIFFUSION,
+    HIERARCHY,
+    ONE_LAYER,
+    bound_vs_steps,
+    gap,
+    kl_layers,
+    placed,
+    plotting,
+)
+
+LOG_P = -1.7  # the oracle's exact log p(x) on the mixture
+VDM = {1: -1000.0, 2: -50.0, 4: -4.0}  # trained continuous-time VDM: whole-trajectory ELBO at T
+VDM_IWAE = {1: -200.0, 2: -10.0, 4: -2.5}
+L_INF = -2.2
+HVAE = {1: -3.6, 2: -3.5}
+VAE = -3.6
+DIGITS_LOGP = {"hvae-L2": -20.0, "vae": -20.5}  # IWAE-5000 estimates: no exact log p(x) on digits
+
+
+def _row(dataset: str, model: str, label: str, config: dict, estimator: str, k, metric: str, value: float, *,
+         stderr: float = 0.01, method: str | None = None) -> dict:
+    values = dict.fromkeys(ROW_COLUMNS)
+    values.update(run_id="plots", cell_id=f"{dataset}/{label}/{estimator}/{k}", dataset=dataset, split="test",
+                  model=model, label=label, config_hash=f"{model}-{json.dumps(config, sort_keys=True)}",
+                  model_config=config, seed=0, estimator=estimator, k=k, metric=metric, method=method, value=value,
+                  stderr=stderr, unit="nats", n_examples=100, device="cpu", wall_s=0.1, status="ok")
+    return values
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for t, value in VDM.items():
+        config = {"time": "continuous", "hidden": [64], "log_weights_steps": t}
+        label = f"vdm (log_weights_steps={t})"
+        rows += [_row("mixture-2d", "vdm", label, config, "elbo", 8, "elbo", value),
+                 _row("mixture-2d", "vdm", label, config, "iwae", 50, "iwae", VDM_IWAE[t]),
+                 _row("mixture-2d", "vdm", label, config, "diffusion_elbo", 64, "diffusion_elbo", L_INF)]
+        # step KL of layer z_i (i < T), the step t = (i + 1)/T -> i/T, is (i + 1) / T^2; z_T is the prior term
+        rows += [_row("mixture-2d", "vdm", label, config, "kl_terms", 16, f"kl/z{i}", (i + 1) / t**2)
+                 for i in range(t)]
+        rows.append(_row("mixture-2d", "vdm", label, config, "kl_terms", 16, f"kl/z{t}", 0.5))
+    oracle = {"mixture": "ring-2d", "time": "continuous", "log_weights_steps": 4}
+    rows += [_row("mixture-2d", "vdm-oracle", "vdm-oracle (log_weights_steps=4)", oracle, "elbo", 8, "elbo", -2.0),
+             _row("mixture-2d", "vdm-oracle", "vdm-oracle (log_weights_steps=4)", oracle, "log_marginal", None,
+                  "log_marginal", LOG_P, stderr=0.0, method="exact")]
+    for dataset in ("mixture-2d", "digits"):
+        offset = 0.0 if dataset == "mixture-2d" else -16.0
+        for layers, value in HVAE.items():
+            config = {"n_layers": layers, "latent_dims": [8] * layers}
+            label = f"hvae-L{layers}"
+            rows.append(_row(dataset, "hvae", label, config, "elbo", 8, "elbo", value + offset))
+            rows += [_row(dataset, "hvae", label, config, "kl_terms", 16, f"kl/z{l}", 1.0 / l)
+                     for l in range(1, layers + 1)]
+        rows += [_row(dataset, "vae", "vae", {"latent_dim": 8}, "elbo", 8, "elbo", VAE + offset),
+                 _row(dataset, "vae", "vae", {"latent_dim": 8}, "kl_terms", 16, "kl/z", 2.0)]
+    rows += [_row("digits", "hvae", "hvae-L2", {"n_layers": 2, "latent_dims": [8, 8]}, "log_marginal", 5000,
+                  "log_marginal", DIGITS_LOGP["hvae-L2"], method="iwae"),
+             _row("digits", "vae", "vae", {"latent_dim": 8}, "log_marginal", 5000, "log_marginal",
+                  DIGITS_LOGP["vae"], method="iwae")]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("plots")
+    (run_dir / "results.jsonl").write_text("\n".join(json.dumps(r) for r in _rows()) + "\n")
+    return summarize(load_results([Path(run_dir)]))
+
+
+@pytest.fixture(scope="module")
+def libs():
+    plt, sns = plotting()
+    yield plt, sns
+    plt.close("all")
+
+
+def _axes_by_title(fig) -> dict[str, object]:
+    return {ax.get_title().splitlines()[0]: ax for ax in fig.axes if ax.get_title()}
+
+
+def test_every_config_gets_its_family_place_and_series(summary):
+    configs = placed(summary).drop_duplicates(["dataset", "config_hash"]).set_index(["dataset", "label"])
+    assert [configs.loc[("mixture-2d", f"vdm (log_weights_steps={t})"), "x"] for t in VDM] == list(VDM)
+    assert configs.loc[("mixture-2d", "vdm (log_weights_steps=4)"), "family"] == DIFFUSION
+    assert configs.loc[("mixture-2d", "hvae-L2"), ["family", "x", "series"]].tolist() == [HIERARCHY, 2.0, "hvae"]
+    # n_layers = 1 is a hierarchy of one layer; a config without n_layers counts its KL layers
+    assert configs.loc[("mixture-2d", "hvae-L1"), ["family", "x"]].tolist() == [HIERARCHY, 1.0]
+    assert configs.loc[("digits", "vae"), ["family", "x", "series"]].tolist() == [ONE_LAYER, 1.0, "vae"]
+    assert set(configs.loc["mixture-2d", "series"]) == {"vdm", "vdm-oracle", "hvae", "vae"}
+
+
+def test_bound_vs_steps_draws_each_series_along_T_and_L_with_log_p(summary, libs):
+    fig = bound_vs_steps(summary, *libs)
+    axes = _axes_by_title(fig)
+    # mixture-2d spans ~3 decades: symlog, and a linear zoom on its top below it; digits spans one: linear
+    zoom_title = "mixture-2d, zoomed on the top 0.7 decades"
+    assert sorted(axes) == ["digits", "mixture-2d", zoom_title]
+    assert (axes["digits"].get_yscale(), axes[zoom_title].get_yscale()) == ("linear", "linear")
+    assert axes[zoom_title].get_ylim()[0] < VDM[4] < LOG_P < axes[zoom_title].get_ylim()[1]
+    ax = axes["mixture-2d"]
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "symlog")
+    lines = [(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in ax.lines]
+    assert (tuple(map(float, VDM)), tuple(VDM.values())) in lines  # the trained VDM's ELBO against T
+    assert (tuple(map(float, VDM)), tuple(VDM_IWAE.values())) in lines  # its IWAE_50 against T
+    assert ((1.0, 2.0), tuple(HVAE.values())) in lines  # the hierarchy's ELBO against L
+    horizontal = {line.get_ydata()[0] for line in ax.lines if len(set(line.get_ydata())) == 1
+                  and tuple(line.get_xdata()) == (0, 1)}
+    assert {LOG_P, L_INF} <= horizontal  # log p(x) (exact) and the continuous-time L_inf
+    assert "log p(x) = -1.7 (exact)" in ax.get_title()
+    assert "best estimate: hvae-L2, IWAE-5000" in axes["digits"].get_title()
+    low, high = ax.get_ylim()
+    assert low < min(VDM.values()) and LOG_P < high < 0  # margins stay on the data's side of zero
+
+
+def test_gap_lists_one_layer_then_hierarchy_then_diffusion_against_one_log_p(summary, libs):
+    fig = gap(summary, *libs)
+    axes = _axes_by_title(fig)
+    ax = axes["mixture-2d"]
+    names = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert names == ["vae", "hvae L=1", "hvae L=2", "vdm T=1", "vdm T=2", "vdm T=4", "vdm T=inf", "vdm-oracle T=4"]
+    widths = {}
+    for container in ax.containers:
+        bars = [patch for patch in container if hasattr(patch, "get_width")]
+        for patch in bars:
+            row = names[round(patch.get_y() + patch.get_height() / 2)]
+            if not np.isnan(patch.get_width()):
+                widths.setdefault(row, []).append(patch.get_width())
+    assert widths["vae"] == pytest.approx([LOG_P - VAE])
+    assert sorted(widths["vdm T=2"]) == pytest.approx(sorted([LOG_P - VDM[2], LOG_P - VDM_IWAE[2]]))
+    assert widths["vdm T=inf"] == pytest.approx([LOG_P - L_INF])
+    # digits has no exact log p(x): the reference is the highest estimate (hvae-L2's IWAE-5000)
+    digits = axes["digits"]
+    hvae2 = [p.get_width() for c in digits.containers for p in c if hasattr(p, "get_width")
+             and [t.get_text() for t in digits.get_yticklabels()][round(p.get_y() + p.get_height() / 2)]
+             == "hvae L=2"]
+    assert hvae2 == pytest.approx([DIGITS_LOGP["hvae-L2"] - (HVAE[2] - 16.0)])
+
+
+def test_kl_profile_is_T_times_the_step_kl_at_the_step_middles(summary, libs):
+    fig = kl_layers(summary, *libs)
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(axes) == {"mixture-2d: vdm, KL per step", "mixture-2d: hvae, KL per layer",
+                         "digits: hvae, KL per layer"}  # one-layer vae and the one-layer oracle rows: no panel
+    profile = axes["mixture-2d: vdm, KL per step"]
+    assert profile.get_yscale() == "log"
+    lines = {len(line.get_xdata()): line for line in profile.lines}
+    for t in (2, 4):  # T = 1 has one step: a lone point
+        x, y = lines[t].get_xdata(), lines[t].get_ydata()
+        assert list(x) == pytest.approx([(i + 0.5) / t for i in range(t)])
+        assert list(y) == pytest.approx([t * (i + 1) / t**2 for i in range(t)])  # the top layer z_T left out
+    depth = axes["mixture-2d: hvae, KL per layer"]
+    two = [line for line in depth.lines if len(line.get_xdata()) == 2]
+    assert [list(two[0].get_xdata()), list(two[0].get_ydata())] == [[1, 2], [1.0, 0.5]]
