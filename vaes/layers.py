@@ -144,39 +144,93 @@ def fold_mlp(net: nn.Sequential) -> list[FoldedLinear] | None:
     return folded
 
 
+def _block_rows(rows: int, widest: int) -> int:
+    """Rows per block: about BLOCK_ELEMENTS of the widest layer, a multiple of 16 so that noise drawn
+    block by block is the same stream as one draw of the whole (CPU normal_ fills in 16s)."""
+    return min(rows, max(16, BLOCK_ELEMENTS // widest // 16 * 16))
+
+
+class _BlockedBernoulliDecoder:
+    """sum_d log Bernoulli(x_d; sigmoid(l_d)) with logits l = MLP(z) for blocks of flat draw rows.
+
+    Row r of the flat draws belongs to example r % B. Buffers are preallocated once per call
+    and the x-term folds into the last layer, sum_d x_d (h W + b)_d = h . (W x) + b . x, so
+    only softplus(l) touches the full logits. No autograd (buffers are written in place).
+    """
+
+    def __init__(self, layers: list[FoldedLinear], x: Tensor, block: int):
+        self.layers, self.batch = layers, x.shape[0]
+        self.buffers = [x.new_empty(block, layer.weight_t.shape[1]) for layer in layers]
+        last = layers[-1]
+        # W x per example and b . x, tiled so that any block's rows can slice them.
+        self.x_proj = self.tile(x @ last.weight_t.t(), block)  # [B, H] -> [block + B, H]
+        self.x_bias = self.tile(x @ last.bias, block)
+        self.product = x.new_empty(block, self.x_proj.shape[1])
+
+    def tile(self, per_example: Tensor, block: int) -> Tensor:
+        reps = math.ceil(block / self.batch) + 1
+        return per_example.repeat(reps, *([1] * (per_example.dim() - 1)))
+
+    def __call__(self, h: Tensor, start: int, out: Tensor) -> None:
+        """Write log p(x | z) of the rows z = h (flat rows start .. start + n) into out [n]."""
+        n = h.shape[0]
+        for layer, buffer in zip(self.layers[:-1], self.buffers):
+            h = torch.addmm(layer.bias, h, layer.weight_t, out=buffer[:n])
+            layer.activation(h)
+        last = self.layers[-1]
+        logits = torch.addmm(last.bias, h, last.weight_t, out=self.buffers[-1][:n])
+        offset = start % self.batch
+        x_term = torch.mul(h, self.x_proj[offset:offset + n], out=self.product[:n]).sum(-1)
+        torch.sub(x_term + self.x_bias[offset:offset + n], F.softplus(logits).sum(-1), out=out)
+
+
 def bernoulli_mlp_log_prob(layers: list[FoldedLinear], x: Tensor, z: Tensor) -> Tensor:
     """sum_d log Bernoulli(x_d; sigmoid(l_d)) with logits l = MLP(z); x [B, D], z [K, B, n] -> [K, B].
 
     Same value as ``BernoulliLikelihood.log_prob(x, decoder(z))`` without the [K, B, D]
-    tensors: rows run in cache-sized blocks through preallocated buffers, and the x-term
-    folds into the last layer, sum_d x_d (h W + b)_d = h . (W x) + b . x, so only
-    softplus(l) touches the full logits. No autograd (the buffers are written in place).
+    tensors: rows run in cache-sized blocks through preallocated buffers.
     """
     k, batch = z.shape[0], z.shape[1]
     rows = k * batch
     flat = z.reshape(rows, z.shape[-1])
-    widest = max(layer.weight_t.shape[1] for layer in layers)
-    block = min(rows, max(1, BLOCK_ELEMENTS // widest))
-    buffers = [flat.new_empty(block, layer.weight_t.shape[1]) for layer in layers]
-    last = layers[-1]
-    x_proj = x @ last.weight_t.t()  # [B, H]: W x per example
-    x_bias = x @ last.bias  # [B]: b . x
-    # Row r of the flat draws belongs to example r % B; tiling lets any block slice the x-terms.
-    reps = math.ceil(block / batch) + 1
-    x_proj, x_bias = x_proj.repeat(reps, 1), x_bias.repeat(reps)
-    product = flat.new_empty(block, x_proj.shape[1])
+    block = _block_rows(rows, max(layer.weight_t.shape[1] for layer in layers))
+    decode = _BlockedBernoulliDecoder(layers, x, block)
     out = flat.new_empty(rows)
     for start in range(0, rows, block):
         n = min(block, rows - start)
-        h = flat[start:start + n]
-        for layer, buffer in zip(layers[:-1], buffers):
-            h = torch.addmm(layer.bias, h, layer.weight_t, out=buffer[:n])
-            layer.activation(h)
-        logits = torch.addmm(last.bias, h, last.weight_t, out=buffers[-1][:n])
-        offset = start % batch
-        x_term = torch.mul(h, x_proj[offset:offset + n], out=product[:n]).sum(-1) + x_bias[offset:offset + n]
-        torch.sub(x_term, F.softplus(logits).sum(-1), out=out[start:start + n])
+        decode(flat[start:start + n], start, out[start:start + n])
     return out.view(k, batch)
+
+
+def gaussian_bernoulli_log_weights(layers: list[FoldedLinear], x: Tensor, mean: Tensor, log_std: Tensor,
+                                   k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """K draws z = mean + sigma * eps from q = N(mean, sigma^2) [B, n] and, per draw, log p(x | z) of the
+    folded Bernoulli MLP decoder, log N(z; 0, I) and log q(z): three [K, B] tensors.
+
+    The draws are made and consumed block by block, so nothing of size [K, B, n] exists and
+    memory does not grow with K beyond the [K, B] outputs. The noise is the same stream as
+    ``reparameterize(mean, log_std, k)`` draws under the same seed, so both paths agree up to
+    rounding. No autograd.
+    """
+    batch, latent = mean.shape
+    rows = k * batch
+    block = _block_rows(rows, max(latent, *(layer.weight_t.shape[1] for layer in layers)))
+    decode = _BlockedBernoulliDecoder(layers, x, block)
+    means, sigmas = decode.tile(mean, block), decode.tile(log_std.exp(), block)
+    eps_buffer, z_buffer = mean.new_empty(block, latent), mean.new_empty(block, latent)
+    log_lik, eps_sq, z_sq = mean.new_empty(rows), mean.new_empty(rows), mean.new_empty(rows)
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        offset = start % batch
+        eps = eps_buffer[:n].normal_()
+        z = torch.addcmul(means[offset:offset + n], eps, sigmas[offset:offset + n], out=z_buffer[:n])
+        torch.linalg.vector_norm(eps, dim=-1, out=eps_sq[start:start + n]).square_()
+        torch.linalg.vector_norm(z, dim=-1, out=z_sq[start:start + n]).square_()
+        decode(z, start, log_lik[start:start + n])
+    constant = 0.5 * latent * math.log(2 * math.pi)
+    log_prior = z_sq.mul_(-0.5).sub_(constant)
+    log_q = eps_sq.mul_(-0.5).sub_(constant).view(k, batch).sub_(log_std.sum(-1))
+    return log_lik.view(k, batch), log_prior.view(k, batch), log_q
 
 
 def decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: Tensor, z: Tensor) -> Tensor:
@@ -186,11 +240,18 @@ def decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: Tensor, z
     foldable layers takes the fast blocked path; training takes the plain path so
     gradients flow. Both give the same values up to rounding.
     """
-    if not torch.is_grad_enabled() and isinstance(likelihood, BernoulliLikelihood):
-        folded = fold_mlp(decoder)
-        if folded is not None:
-            return bernoulli_mlp_log_prob(folded, x, z)
+    folded = fast_bernoulli_decoder(decoder, likelihood)
+    if folded is not None:
+        return bernoulli_mlp_log_prob(folded, x, z)
     return likelihood.log_prob(x, decoder(z))
+
+
+def fast_bernoulli_decoder(decoder: nn.Sequential, likelihood: nn.Module) -> list[FoldedLinear] | None:
+    """The decoder folded for the blocked Bernoulli evaluation, or None where it does not apply
+    (autograd on, another likelihood, or layers that do not fold)."""
+    if torch.is_grad_enabled() or not isinstance(likelihood, BernoulliLikelihood):
+        return None
+    return fold_mlp(decoder)
 
 
 def make_likelihood(name: str, data_dim: int) -> nn.Module:

@@ -11,7 +11,16 @@ import torch
 from torch import Tensor
 
 from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_kl, standard_normal_log_prob
-from .layers import BernoulliLikelihood, GaussianHead, decoder_log_prob, make_likelihood, mlp, reparameterize
+from .layers import (
+    BernoulliLikelihood,
+    GaussianHead,
+    decoder_log_prob,
+    fast_bernoulli_decoder,
+    gaussian_bernoulli_log_weights,
+    make_likelihood,
+    mlp,
+    reparameterize,
+)
 from .registry import register_model
 
 
@@ -54,6 +63,10 @@ class MLPVAE(LatentVariableModel):
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         check_k(k)
         mean, log_std = self.encode(x)  # the encoder runs once per example, not per draw
+        folded = fast_bernoulli_decoder(self.decoder, self.likelihood)
+        if folded is not None:  # evaluation: draws made and decoded block by block, same values
+            log_lik, log_prior, log_q = gaussian_bernoulli_log_weights(folded, x, mean, log_std, k)
+            return LogWeights(log_lik, {"z": log_prior}, {"z": log_q})
         z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
         log_lik = decoder_log_prob(self.decoder, self.likelihood, x, z)  # [K, B]
         return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
@@ -75,9 +88,9 @@ class MLPVAE(LatentVariableModel):
     def draw_nbytes(self, x: Tensor) -> int:
         c = self.config
         if isinstance(self.likelihood, BernoulliLikelihood):
-            # The blocked decoder's buffers do not grow with K; per draw and example remain
-            # z, eps, eps * sigma, eps^2, z^2 (latent-wide) and about eight [K, B] outputs.
-            return x.shape[0] * x.element_size() * (5 * c.latent_dim + 8)
+            # Draws are made and decoded in fixed-size blocks; per draw and example remain only
+            # [K, B] tensors: the three log densities, the weights and the reducer's temporaries.
+            return x.shape[0] * x.element_size() * 12
         widest = max((*c.hidden, c.data_dim))
         return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest)
 
