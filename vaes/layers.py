@@ -150,6 +150,13 @@ def _block_rows(rows: int, widest: int) -> int:
     return min(rows, max(16, BLOCK_ELEMENTS // widest // 16 * 16))
 
 
+def _tile_rows(per_example: Tensor, block: int) -> Tensor:
+    """Per-example rows [B, ...] repeated to [>= block + B, ...]: flat draw row r belongs to example
+    r % B, so the rows of any block starting at ``start`` are ``tiled[start % B:][:n]``."""
+    reps = math.ceil(block / per_example.shape[0]) + 1
+    return per_example.repeat(reps, *([1] * (per_example.dim() - 1)))
+
+
 class _BlockedBernoulliDecoder:
     """sum_d log Bernoulli(x_d; sigmoid(l_d)) with logits l = MLP(z) for blocks of flat draw rows.
 
@@ -163,13 +170,9 @@ class _BlockedBernoulliDecoder:
         self.buffers = [x.new_empty(block, layer.weight_t.shape[1]) for layer in layers]
         last = layers[-1]
         # W x per example and b . x, tiled so that any block's rows can slice them.
-        self.x_proj = self.tile(x @ last.weight_t.t(), block)  # [B, H] -> [block + B, H]
-        self.x_bias = self.tile(x @ last.bias, block)
+        self.x_proj = _tile_rows(x @ last.weight_t.t(), block)  # [B, H] -> [block + B, H]
+        self.x_bias = _tile_rows(x @ last.bias, block)
         self.product = x.new_empty(block, self.x_proj.shape[1])
-
-    def tile(self, per_example: Tensor, block: int) -> Tensor:
-        reps = math.ceil(block / self.batch) + 1
-        return per_example.repeat(reps, *([1] * (per_example.dim() - 1)))
 
     def __call__(self, h: Tensor, start: int, out: Tensor) -> None:
         """Write log p(x | z) of the rows z = h (flat rows start .. start + n) into out [n]."""
@@ -216,7 +219,7 @@ def gaussian_bernoulli_log_weights(layers: list[FoldedLinear], x: Tensor, mean: 
     rows = k * batch
     block = _block_rows(rows, max(latent, *(layer.weight_t.shape[1] for layer in layers)))
     decode = _BlockedBernoulliDecoder(layers, x, block)
-    means, sigmas = decode.tile(mean, block), decode.tile(log_std.exp(), block)
+    means, sigmas = _tile_rows(mean, block), _tile_rows(log_std.exp(), block)
     eps_buffer, z_buffer = mean.new_empty(block, latent), mean.new_empty(block, latent)
     log_lik, eps_sq, z_sq = mean.new_empty(rows), mean.new_empty(rows), mean.new_empty(rows)
     for start in range(0, rows, block):
