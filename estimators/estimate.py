@@ -73,8 +73,7 @@ class RunningLogMeanExp:
         self.sum_exp2: Tensor | None = None  # [B] sum_k exp(2 (a_k - max))
 
     def update(self, log_w: Tensor) -> None:
-        log_w = log_w.double()
-        chunk_max = log_w.max(0).values
+        chunk_max = log_w.max(0).values.double()
         if self.max is None:
             new_max = chunk_max
             self.sum_exp = torch.zeros_like(chunk_max)
@@ -84,9 +83,10 @@ class RunningLogMeanExp:
             rescale = torch.exp(self.max - new_max)
             self.sum_exp = self.sum_exp * rescale
             self.sum_exp2 = self.sum_exp2 * rescale.pow(2)
-        shifted = torch.exp(log_w - new_max)
+        # One float64 [k, B] temporary, reused in place (float32 weights are promoted by the subtraction).
+        shifted = torch.sub(log_w, new_max).exp_()
         self.sum_exp = self.sum_exp + shifted.sum(0)
-        self.sum_exp2 = self.sum_exp2 + shifted.pow(2).sum(0)
+        self.sum_exp2 = self.sum_exp2 + shifted.square_().sum(0)
         self.max = new_max
         self.count += log_w.shape[0]
 

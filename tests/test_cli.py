@@ -126,11 +126,11 @@ def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
 class _NaNAtEvaluation(MLPVAE):
     """Trains like a VAE, but every evaluation (run under inference mode) sees NaN log-likelihoods."""
 
-    def log_weights(self, x, k):
-        weights = super().log_weights(x, k)
-        if torch.is_inference_mode_enabled():
-            return type(weights)(weights.log_likelihood * float("nan"), weights.log_prior, weights.log_posterior)
-        return weights
+    def log_weight_chunks(self, x, sizes):
+        for weights in super().log_weight_chunks(x, sizes):
+            if torch.is_inference_mode_enabled():
+                weights = type(weights)(weights.log_likelihood * float("nan"), weights.log_prior, weights.log_posterior)
+            yield weights
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 
 import estimators as E
 import vaes
-from estimators.chunking import BUDGET_ENV, choose_chunk
+from estimators.chunking import BUDGET_ENV, MIN_CHUNK_ROWS, choose_chunk
 from estimators.estimate import RunningLogMeanExp, RunningMoments
 from vaes.base import LatentVariableModel, LogWeights
 
@@ -55,6 +55,35 @@ def test_chunked_iwae_of_a_real_model_equals_unchunked_on_the_same_draws():
     with torch.no_grad():
         draws = torch.cat([model.log_weights(x, size).total() for size in sizes])
     torch.testing.assert_close(chunked.value, torch.logsumexp(draws, 0) - math.log(5000), rtol=0, atol=1e-5)
+
+
+# Small models whose data fit one block of the fast decoder, so block boundaries cannot change rounding.
+_CHUNKED_MODELS = [
+    ("vae", {"data_dim": 40, "latent_dim": 5, "hidden": (16,)}),
+    ("hvae", {"data_dim": 40, "latent_dims": (5, 3), "hidden": ((16,), (8,))}),
+    ("linear-gaussian", {}),  # the protocol's default: one log_weights call per chunk
+]
+
+
+@pytest.mark.parametrize("name, config", _CHUNKED_MODELS)
+@pytest.mark.parametrize("autograd", [False, True], ids=["evaluation", "training"])
+def test_log_weight_chunks_are_successive_log_weights_calls(name, config, autograd):
+    model = vaes.create_model(name, **config).double()
+    x = (torch.rand(6, model.config.data_dim, dtype=torch.float64) > 0.5).double()
+    sizes = [3, 5, 1]
+    with torch.set_grad_enabled(autograd):
+        torch.manual_seed(2)
+        chunked = list(model.log_weight_chunks(x, sizes))
+        torch.manual_seed(2)
+        one_by_one = [model.log_weights(x, k) for k in sizes]
+    assert len(chunked) == len(sizes)
+    for got, expected, k in zip(chunked, one_by_one, sizes):
+        parts = [got.log_likelihood, *got.log_prior.values(), *got.log_posterior.values()]
+        expected_parts = [expected.log_likelihood, *expected.log_prior.values(), *expected.log_posterior.values()]
+        assert got.log_likelihood.shape == (k, 6)
+        for part, expected_part in zip(parts, expected_parts, strict=True):
+            assert torch.equal(part, expected_part)
+        assert got.log_likelihood.requires_grad == autograd
 
 
 def test_running_moments_match_torch():
@@ -100,7 +129,11 @@ def test_chunk_is_chosen_from_the_memory_budget(monkeypatch):
     x = torch.zeros(100, 784)
     per_draw = model.draw_nbytes(x)
     assert choose_chunk(model, x, 5000, budget_bytes=10 * per_draw) == 10
-    assert choose_chunk(model, x, 5000, budget_bytes=per_draw // 2) == 1
+    # Under the budget's first draw a chunk still holds MIN_CHUNK_ROWS rows: 512 / 100 examples -> 6 draws,
+    assert choose_chunk(model, x, 5000, budget_bytes=per_draw // 2) == math.ceil(MIN_CHUNK_ROWS / 100) == 6
+    # one draw for a batch of that size, and never more than K.
+    assert choose_chunk(model, torch.zeros(MIN_CHUNK_ROWS, 784), 5000, budget_bytes=1) == 1
+    assert choose_chunk(model, x, 3, budget_bytes=1) == 3
     assert choose_chunk(model, x, 3, budget_bytes=10**12) == 3
     monkeypatch.setenv(BUDGET_ENV, str(40 * per_draw / 2**20))
     assert choose_chunk(model, x, 5000) == 40

@@ -1,10 +1,12 @@
 """bench.timing.measure: medians against known durations, exact throughput arithmetic, peak memory."""
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from bench.timing import measure
 
@@ -68,15 +70,16 @@ def test_bad_arguments_name_the_problem():
     ("hvae", {"hidden": ((30, 20), (12,)), "latent_dims": (5, 3)}),  # the same decoder path in the hierarchy
 ])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-9), (torch.float32, 2e-3)])
-def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(name, config, dtype, tolerance):
+@pytest.mark.parametrize("data_dim", [40, 301])  # float32: one group of sigmoids, or two of 101 and one of 99
+def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(name, config, dtype, tolerance, data_dim):
     from vaes import create_model
     from vaes.layers import decoder_log_prob
 
-    model = create_model(name, data_dim=40, **config).to(dtype).eval()
+    model = create_model(name, data_dim=data_dim, **config).to(dtype).eval()
     with torch.no_grad():  # larger weights and biases: logits well past softplus's linear range
         for parameter in model.decoder.parameters():
             parameter.normal_(0.0, 2.0)
-    x = (torch.rand(33, 40) < 0.4).to(dtype)
+    x = (torch.rand(33, data_dim) < 0.4).to(dtype)
     z = torch.randn(7, 33, 5, dtype=dtype)
     with torch.inference_mode():
         fast = decoder_log_prob(model.decoder, model.likelihood, x, z)
@@ -96,3 +99,20 @@ def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(name, config, d
         plain_part = plain_part.detach()
         assert torch.allclose(fast_part, plain_part, rtol=0, atol=tolerance * plain_part.abs().max().item() / 100)
     assert torch.allclose(fast, plain, rtol=0, atol=tolerance * plain.abs().max().item() / 100)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-15), (torch.float32, 2e-7)])  # per element: a few ulps
+@pytest.mark.parametrize("width", [1, 40, 126, 127, 784, 1023, 1025])
+def test_grouped_log_sigmoid_sum_matches_the_sum_of_logs(dtype, tolerance, width):
+    from vaes.layers import _log_sigmoid_sum_
+
+    generator = torch.Generator().manual_seed(width)
+    # |logits| from 0 (sigmoid 1/2: the products' smallest factors) to 60 (sigmoid rounds to 1).
+    a = torch.cat([torch.zeros(1, width), 60 * torch.rand(7, width, generator=generator),
+                   torch.rand(4, width, generator=generator)]).to(dtype)
+    expected = F.logsigmoid(a.double()).sum(-1)
+    got = _log_sigmoid_sum_(a.clone())
+    assert got.dtype == dtype and got.shape == (12,)
+    # All-zero row: width * log(1/2), the case that would underflow an ungrouped product.
+    assert abs(got[0].item() - width * math.log(0.5)) <= tolerance * width
+    assert torch.allclose(got.double(), expected, rtol=0, atol=tolerance * width)

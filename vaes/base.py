@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +114,16 @@ class LatentVariableModel(nn.Module):
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         """K reparameterized posterior draws for each of the B rows of x."""
         raise NotImplementedError
+
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
+        """``LogWeights`` for successive chunks of ``sizes[i]`` draws: the same draws, in the same
+        order, as calling ``log_weights(x, k)`` for each k of ``sizes`` in turn.
+
+        Estimators draw a large K this way. Models override it to do the work that depends
+        only on x (the encoder, the decoder's projection of x) once for all chunks.
+        """
+        for k in sizes:
+            yield self.log_weights(x, k)
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor] | None:
         """Closed-form KL(q(z_l | x) || p(z_l)) per layer, [B] each; None where not closed form."""

@@ -10,6 +10,7 @@ is exactly the MLP VAE (same modules, same random draws).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -17,7 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_log_prob, standard_normal_log_prob
-from .layers import BernoulliLikelihood, GaussianHead, decoder_log_prob, make_likelihood, mlp, reparameterize
+from .layers import (
+    BernoulliLikelihood,
+    GaussianHead,
+    decoder_log_prob,
+    make_likelihood,
+    mlp,
+    prepare_decoder_log_prob,
+    reparameterize,
+)
 from .registry import register_model
 
 # Draws of the lower layers averaged in posterior_means for layers >= 2: the Monte
@@ -143,26 +152,43 @@ class HierarchicalVAE(LatentVariableModel):
         """K draws of z_1..z_L from q; the first encoder pass runs once per example, the rest per draw."""
         check_k(k)
         self.check_batch(x, self.config.data_dim)
-        z, log_q = reparameterize(*self.up[0](x), k)  # [K, B, n_1], [K, B]
+        return self._draw_posterior(self.up[0](x), k)
+
+    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], k: int) -> PosteriorDraws:
+        """K draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
+        z, log_q = reparameterize(*first_layer, k)  # [K, B, n_1], [K, B]
         draws, log_posterior = {self.layers[0]: z}, {self.layers[0]: log_q}
         for name, conditional in zip(self.layers[1:], self.up[1:]):
             z, log_q = reparameterize(*conditional(z), None)  # [K, B, n_l], [K, B]
             draws[name], log_posterior[name] = z, log_q
         return PosteriorDraws(draws, log_posterior)
 
-    def log_joint_parts(self, x: Tensor, z: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """log p(x | z_1) [K, B] and log p(z_l | z_{l+1}) [K, B] per layer (top layer: N(0, I))."""
+    def _log_priors(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
+        """log p(z_l | z_{l+1}) [K, B] per layer (top layer: N(0, I))."""
         zs = [z[name] for name in self.layers]
         log_prior = {name: diagonal_normal_log_prob(zs[l - 1], *self.down[l - 1](zs[l]))
                      for l, name in enumerate(self.layers[:-1], start=1)}
         log_prior[self.layers[-1]] = standard_normal_log_prob(zs[-1])
-        log_likelihood = decoder_log_prob(self.decoder, self.likelihood, x, zs[0])
-        return log_likelihood, {name: log_prior[name] for name in self.layers}
+        return {name: log_prior[name] for name in self.layers}
+
+    def log_joint_parts(self, x: Tensor, z: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """log p(x | z_1) [K, B] and log p(z_l | z_{l+1}) [K, B] per layer (top layer: N(0, I))."""
+        log_likelihood = decoder_log_prob(self.decoder, self.likelihood, x, z[self.layers[0]])
+        return log_likelihood, self._log_priors(z)
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        draws = self.sample_posterior(x, k)
-        log_likelihood, log_prior = self.log_joint_parts(x, draws.z)
-        return LogWeights(log_likelihood, log_prior, draws.log_posterior)
+        check_k(k)
+        (log_weights,) = self.log_weight_chunks(x, [k])
+        return log_weights
+
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
+        self.check_batch(x, self.config.data_dim)
+        first_layer = self.up[0](x)  # once per example, for every chunk of draws
+        log_likelihood_of = prepare_decoder_log_prob(self.decoder, self.likelihood, x, max(sizes))
+        for k in sizes:
+            draws = self._draw_posterior(first_layer, k)
+            yield LogWeights(log_likelihood_of(draws.z[self.layers[0]]), self._log_priors(draws.z),
+                             draws.log_posterior)
 
     def posterior_means(self, x: Tensor, samples: int = POSTERIOR_MEAN_SAMPLES) -> dict[str, Tensor]:
         """E_q[z_l | x] per layer, [B, n_l].

@@ -58,9 +58,11 @@ class BernoulliLikelihood(nn.Module):
 
     def log_prob(self, x: Tensor, logits: Tensor) -> Tensor:
         # sum_d x_d l_d - softplus(l_d); x is [B, D], logits [..., B, D]. The x-term is a
-        # batched dot product, so x is never broadcast to the logits' shape.
+        # batched dot product, so x is never broadcast to the logits' shape. softplus(l) is
+        # written -log sigmoid(-l), exact for every l (F.softplus returns l itself past l = 20,
+        # an error of e^-20 per element that float64 can see).
         x_term = torch.einsum("...bd,bd->...b", logits, x)
-        return x_term - F.softplus(logits).sum(-1)
+        return x_term + F.logsigmoid(-logits).sum(-1)
 
     def mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
@@ -102,7 +104,7 @@ FOLDABLE_ACTIVATIONS: dict[type[nn.Module], AffineActivation] = {
 }
 
 # Rows per block of the fast decoder: the widest block ([rows, D] float32, ~3 MB for D = 784)
-# stays in cache between the matmul that writes it and the softplus that reads it.
+# stays in cache between the matmul that writes it and the elementwise work that reads it.
 BLOCK_ELEMENTS = 1024 * 784
 
 
@@ -157,25 +159,55 @@ def _tile_rows(per_example: Tensor, block: int) -> Tensor:
     return per_example.repeat(reps, *([1] * (per_example.dim() - 1)))
 
 
-class _BlockedBernoulliDecoder:
-    """sum_d log Bernoulli(x_d; sigmoid(l_d)) with logits l = MLP(z) for blocks of flat draw rows.
+def _log_sigmoid_sum_(a: Tensor) -> Tensor:
+    """sum over the last dim of log sigmoid(a) for a >= 0, [n, D] -> [n]; overwrites a.
 
-    Row r of the flat draws belongs to example r % B. Buffers are preallocated once per call
-    and the x-term folds into the last layer, sum_d x_d (h W + b)_d = h . (W x) + b . x, so
-    only softplus(l) touches the full logits. No autograd (buffers are written in place).
+    Each sigmoid(a_d) lies in [1/2, 1], so a product of g of them stays at or above 2^-g
+    and, for g up to log2 of the dtype's smallest normal number (126 in float32), never
+    underflows. Summing the logs of such group products takes one log per group instead
+    of one per element. (Where sigmoid(a_d) rounds to 1, a_d > 17 in float32, the term
+    lost is below 4e-8.)
+    """
+    width = a.shape[-1]
+    max_group = int(-math.log2(torch.finfo(a.dtype).tiny))
+    group = math.ceil(width / math.ceil(width / max_group))
+    whole = width // group * group
+    torch.sigmoid_(a)
+    total = a[:, :whole].unflatten(1, (whole // group, group)).prod(-1).log_().sum(-1)
+    if whole < width:
+        total += a[:, whole:].prod(-1).log_()
+    return total
+
+
+class BlockedBernoulliDecoder:
+    """sum_d log Bernoulli(x_d; sigmoid(l_d)) with logits l = MLP(z), for one batch x [B, D] and up to
+    ``max_rows`` flat draw rows at a time, in blocks of cache-sized rows.
+
+    Row r of the flat draws belongs to example r % B. What depends only on x and the
+    buffers are prepared once and shared by every call. Per element only |l| and one
+    sigmoid are computed:
+
+        sum_d x_d l_d - softplus(l_d) = sum_d (x_d - 1/2) l_d - |l_d| / 2 + log sigmoid(|l_d|)
+
+    (softplus(l) = max(l, 0) - log sigmoid(|l|), max(l, 0) = (l + |l|) / 2), and the linear
+    part folds into the last layer: sum_d (x_d - 1/2)(h W + b)_d = h . (W (x - 1/2)) + b . (x - 1/2).
+    That is half the work of softplus, whose exp and log1p run per element. No autograd
+    (buffers are written in place).
     """
 
-    def __init__(self, layers: list[FoldedLinear], x: Tensor, block: int):
+    def __init__(self, layers: list[FoldedLinear], x: Tensor, max_rows: int, *, widest_input: int = 0):
         self.layers, self.batch = layers, x.shape[0]
-        self.buffers = [x.new_empty(block, layer.weight_t.shape[1]) for layer in layers]
+        self.block = _block_rows(max_rows, max(widest_input, *(layer.weight_t.shape[1] for layer in layers)))
+        self.buffers = [x.new_empty(self.block, layer.weight_t.shape[1]) for layer in layers]
         last = layers[-1]
-        # W x per example and b . x, tiled so that any block's rows can slice them.
-        self.x_proj = _tile_rows(x @ last.weight_t.t(), block)  # [B, H] -> [block + B, H]
-        self.x_bias = _tile_rows(x @ last.bias, block)
-        self.product = x.new_empty(block, self.x_proj.shape[1])
+        # W (x - 1/2) per example and b . (x - 1/2), tiled so that any block's rows can slice them.
+        centred = x - 0.5
+        self.x_proj = _tile_rows(centred @ last.weight_t.t(), self.block)  # [B, H] -> [block + B, H]
+        self.x_bias = _tile_rows(centred @ last.bias, self.block)
+        self.product = x.new_empty(self.block, self.x_proj.shape[1])
 
-    def __call__(self, h: Tensor, start: int, out: Tensor) -> None:
-        """Write log p(x | z) of the rows z = h (flat rows start .. start + n) into out [n]."""
+    def decode_block(self, h: Tensor, start: int, out: Tensor) -> None:
+        """Write log p(x | z) of the rows z = h (flat rows start .. start + n, n <= block) into out [n]."""
         n = h.shape[0]
         for layer, buffer in zip(self.layers[:-1], self.buffers):
             h = torch.addmm(layer.bias, h, layer.weight_t, out=buffer[:n])
@@ -183,70 +215,79 @@ class _BlockedBernoulliDecoder:
         last = self.layers[-1]
         logits = torch.addmm(last.bias, h, last.weight_t, out=self.buffers[-1][:n])
         offset = start % self.batch
-        x_term = torch.mul(h, self.x_proj[offset:offset + n], out=self.product[:n]).sum(-1)
-        torch.sub(x_term + self.x_bias[offset:offset + n], F.softplus(logits).sum(-1), out=out)
+        linear = torch.mul(h, self.x_proj[offset:offset + n], out=self.product[:n]).sum(-1)
+        linear += self.x_bias[offset:offset + n]
+        magnitude = logits.abs_()
+        torch.sub(linear, magnitude.sum(-1), alpha=0.5, out=out)
+        out += _log_sigmoid_sum_(magnitude)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(x | z) [K, B] for z [K, B, n] with K * B <= max_rows."""
+        k, batch = z.shape[0], z.shape[1]
+        rows = k * batch
+        flat = z.reshape(rows, z.shape[-1])
+        out = flat.new_empty(rows)
+        for start in range(0, rows, self.block):
+            stop = min(start + self.block, rows)
+            self.decode_block(flat[start:stop], start, out[start:stop])
+        return out.view(k, batch)
 
 
-def bernoulli_mlp_log_prob(layers: list[FoldedLinear], x: Tensor, z: Tensor) -> Tensor:
-    """sum_d log Bernoulli(x_d; sigmoid(l_d)) with logits l = MLP(z); x [B, D], z [K, B, n] -> [K, B].
-
-    Same value as ``BernoulliLikelihood.log_prob(x, decoder(z))`` without the [K, B, D]
-    tensors: rows run in cache-sized blocks through preallocated buffers.
-    """
-    k, batch = z.shape[0], z.shape[1]
-    rows = k * batch
-    flat = z.reshape(rows, z.shape[-1])
-    block = _block_rows(rows, max(layer.weight_t.shape[1] for layer in layers))
-    decode = _BlockedBernoulliDecoder(layers, x, block)
-    out = flat.new_empty(rows)
-    for start in range(0, rows, block):
-        n = min(block, rows - start)
-        decode(flat[start:start + n], start, out[start:start + n])
-    return out.view(k, batch)
-
-
-def gaussian_bernoulli_log_weights(layers: list[FoldedLinear], x: Tensor, mean: Tensor, log_std: Tensor,
-                                   k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """K draws z = mean + sigma * eps from q = N(mean, sigma^2) [B, n] and, per draw, log p(x | z) of the
-    folded Bernoulli MLP decoder, log N(z; 0, I) and log q(z): three [K, B] tensors.
+class GaussianBernoulliDraws:
+    """Draws z = mean + sigma * eps from q = N(mean, sigma^2) [B, n] and, per draw, log p(x | z) of a
+    folded Bernoulli MLP decoder, log N(z; 0, I) and log q(z). Prepared once for a batch and
+    called once per chunk of at most ``max_k`` draws.
 
     The draws are made and consumed block by block, so nothing of size [K, B, n] exists and
-    memory does not grow with K beyond the [K, B] outputs. The noise is the same stream as
-    ``reparameterize(mean, log_std, k)`` draws under the same seed, so both paths agree up to
+    memory does not grow with K beyond the [K, B] outputs. Each call's noise is the same stream
+    as ``reparameterize(mean, log_std, k)`` draws under the same seed, so both paths agree up to
     rounding. No autograd.
     """
-    batch, latent = mean.shape
-    rows = k * batch
-    block = _block_rows(rows, max(latent, *(layer.weight_t.shape[1] for layer in layers)))
-    decode = _BlockedBernoulliDecoder(layers, x, block)
-    means, sigmas = _tile_rows(mean, block), _tile_rows(log_std.exp(), block)
-    eps_buffer, z_buffer = mean.new_empty(block, latent), mean.new_empty(block, latent)
-    log_lik, eps_sq, z_sq = mean.new_empty(rows), mean.new_empty(rows), mean.new_empty(rows)
-    for start in range(0, rows, block):
-        n = min(block, rows - start)
-        offset = start % batch
-        eps = eps_buffer[:n].normal_()
-        z = torch.addcmul(means[offset:offset + n], eps, sigmas[offset:offset + n], out=z_buffer[:n])
-        torch.linalg.vector_norm(eps, dim=-1, out=eps_sq[start:start + n]).square_()
-        torch.linalg.vector_norm(z, dim=-1, out=z_sq[start:start + n]).square_()
-        decode(z, start, log_lik[start:start + n])
-    constant = 0.5 * latent * math.log(2 * math.pi)
-    log_prior = z_sq.mul_(-0.5).sub_(constant)
-    log_q = eps_sq.mul_(-0.5).sub_(constant).view(k, batch).sub_(log_std.sum(-1))
-    return log_lik.view(k, batch), log_prior.view(k, batch), log_q
+
+    def __init__(self, layers: list[FoldedLinear], x: Tensor, mean: Tensor, log_std: Tensor, max_k: int):
+        self.batch, self.latent = mean.shape
+        self.decoder = BlockedBernoulliDecoder(layers, x, max_k * self.batch, widest_input=self.latent)
+        block = self.decoder.block
+        self.means, self.sigmas = _tile_rows(mean, block), _tile_rows(log_std.exp(), block)
+        self.log_std_sum = log_std.sum(-1)
+        self.eps_buffer, self.z_buffer = mean.new_empty(block, self.latent), mean.new_empty(block, self.latent)
+
+    def __call__(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """log p(x | z), log p(z) and log q(z) of K new draws, [K, B] each."""
+        batch, block = self.batch, self.decoder.block
+        rows = k * batch
+        log_lik, eps_sq, z_sq = self.eps_buffer.new_empty((3, rows))
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            n, offset = stop - start, start % batch
+            eps = self.eps_buffer[:n].normal_()
+            z = torch.addcmul(self.means[offset:offset + n], eps, self.sigmas[offset:offset + n], out=self.z_buffer[:n])
+            torch.linalg.vector_norm(eps, dim=-1, out=eps_sq[start:stop]).square_()
+            torch.linalg.vector_norm(z, dim=-1, out=z_sq[start:stop]).square_()
+            self.decoder.decode_block(z, start, log_lik[start:stop])
+        constant = 0.5 * self.latent * math.log(2 * math.pi)
+        log_prior = z_sq.mul_(-0.5).sub_(constant)
+        log_q = eps_sq.mul_(-0.5).sub_(constant).view(k, batch).sub_(self.log_std_sum)
+        return log_lik.view(k, batch), log_prior.view(k, batch), log_q
+
+
+def prepare_decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: Tensor,
+                             max_k: int) -> Callable[[Tensor], Tensor]:
+    """z [K, B, n] -> log p(x | z) [K, B] of an MLP decoder's likelihood for this batch x [B, D], K <= max_k.
+
+    Without autograd (estimators run under inference mode) a Bernoulli decoder of foldable
+    layers takes the fast blocked path, prepared once for x; training takes the plain path
+    so gradients flow. Both give the same values up to rounding.
+    """
+    folded = fast_bernoulli_decoder(decoder, likelihood)
+    if folded is None:
+        return lambda z: likelihood.log_prob(x, decoder(z))
+    return BlockedBernoulliDecoder(folded, x, max_k * x.shape[0]).log_prob
 
 
 def decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-    """log p(x | z) [K, B] of an MLP decoder's likelihood; x [B, D], z [K, B, n].
-
-    Without autograd (estimators run under inference mode) a Bernoulli decoder of
-    foldable layers takes the fast blocked path; training takes the plain path so
-    gradients flow. Both give the same values up to rounding.
-    """
-    folded = fast_bernoulli_decoder(decoder, likelihood)
-    if folded is not None:
-        return bernoulli_mlp_log_prob(folded, x, z)
-    return likelihood.log_prob(x, decoder(z))
+    """log p(x | z) [K, B] of an MLP decoder's likelihood; x [B, D], z [K, B, n] (see prepare_decoder_log_prob)."""
+    return prepare_decoder_log_prob(decoder, likelihood, x, z.shape[0])(z)
 
 
 def fast_bernoulli_decoder(decoder: nn.Sequential, likelihood: nn.Module) -> list[FoldedLinear] | None:

@@ -5,6 +5,7 @@ is evaluated on the same true bounds.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,10 +14,9 @@ from torch import Tensor
 from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_kl, standard_normal_log_prob
 from .layers import (
     BernoulliLikelihood,
+    GaussianBernoulliDraws,
     GaussianHead,
-    decoder_log_prob,
     fast_bernoulli_decoder,
-    gaussian_bernoulli_log_weights,
     make_likelihood,
     mlp,
     reparameterize,
@@ -62,14 +62,22 @@ class MLPVAE(LatentVariableModel):
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         check_k(k)
-        mean, log_std = self.encode(x)  # the encoder runs once per example, not per draw
+        (log_weights,) = self.log_weight_chunks(x, [k])
+        return log_weights
+
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
+        mean, log_std = self.encode(x)  # once per example, for every chunk of draws
         folded = fast_bernoulli_decoder(self.decoder, self.likelihood)
         if folded is not None:  # evaluation: draws made and decoded block by block, same values
-            log_lik, log_prior, log_q = gaussian_bernoulli_log_weights(folded, x, mean, log_std, k)
-            return LogWeights(log_lik, {"z": log_prior}, {"z": log_q})
-        z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
-        log_lik = decoder_log_prob(self.decoder, self.likelihood, x, z)  # [K, B]
-        return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
+            draws = GaussianBernoulliDraws(folded, x, mean, log_std, max(sizes))
+            for k in sizes:
+                log_lik, log_prior, log_q = draws(k)
+                yield LogWeights(log_lik, {"z": log_prior}, {"z": log_q})
+            return
+        for k in sizes:
+            z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
+            log_lik = self.likelihood.log_prob(x, self.decoder(z))  # [K, B]
+            yield LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         mean, log_std = self.encode(x)
