@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.timing import Timing, measure
+from bench.timing import Timing, measure, peak_memory
 from estimators import iwae
 from vaes import create_model
 from vaes.base import standard_normal_log_prob
@@ -83,13 +83,15 @@ def compare(k: int, n_examples: int, *, repeats: int, warmup: int) -> dict[str, 
     for fn in methods.values():
         for _ in range(warmup):
             fn()
-    rounds = [{name: measure(fn, device="cpu", n_examples=n_examples, k=k, warmup=0, repeats=1)
+    rounds = [{name: measure(fn, device="cpu", n_examples=n_examples, k=k, warmup=0, repeats=1, memory=False)
                for name, fn in methods.items()} for _ in range(repeats)]
-    return {name: _pooled([r[name] for r in rounds]) for name in methods}
+    # Memory last: its heap trim would make the next timed call fault its buffers in again.
+    peaks = {name: peak_memory(fn, "cpu") for name, fn in methods.items()}
+    return {name: _pooled([r[name] for r in rounds], *peaks[name]) for name in methods}
 
 
-def _pooled(timings: list[Timing]) -> Timing:
-    """One Timing from single-repeat rounds: median and IQR over all of them, the largest peak."""
+def _pooled(timings: list[Timing], peak_bytes: int, memory_measure: str) -> Timing:
+    """One Timing from single-repeat rounds: median and IQR over all of them, and the peak memory."""
     times = tuple(t.median_s for t in timings)
     median = statistics.median(times)
     first = timings[0]
@@ -97,7 +99,7 @@ def _pooled(timings: list[Timing]) -> Timing:
     return dataclasses.replace(
         first, median_s=median, iqr_s=iqr[2] - iqr[0], times_s=times,
         samples_per_s=first.n_examples * first.k / median, examples_per_s=first.n_examples / median,
-        peak_memory_bytes=max(t.peak_memory_bytes for t in timings))
+        peak_memory_bytes=peak_bytes, memory_measure=memory_measure)
 
 
 def load_mnist_test(data_dir: Path) -> torch.Tensor:

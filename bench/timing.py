@@ -56,8 +56,9 @@ class Timing:
 
 
 def measure(fn: Callable[[], object], *, device: torch.device | str, n_examples: int, k: int,
-            warmup: int = 1, repeats: int = 3) -> Timing:
-    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls, then measure its peak memory."""
+            warmup: int = 1, repeats: int = 3, memory: bool = True) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls, then (unless ``memory`` is
+    False) measure its peak memory with one more call."""
     device = torch.device(device)
     if device.type not in _CLOCKS:
         raise ValueError(f"cannot time on device {device.type!r}; choices: {', '.join(sorted(_CLOCKS))}")
@@ -68,7 +69,7 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, n_examples:
     clock = _CLOCKS[device.type]
     times = tuple(clock(fn, device) for _ in range(repeats))
     median = statistics.median(times)
-    peak, how = _PEAK_MEMORY[device.type](fn, device)
+    peak, how = peak_memory(fn, device) if memory else (0, "not measured")
     return Timing(
         median_s=median, iqr_s=_iqr(times), times_s=times,
         samples_per_s=n_examples * k / median, examples_per_s=n_examples / median,
@@ -76,6 +77,16 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, n_examples:
         device=device.type, device_name=device_name(device), torch_version=torch.__version__,
         threads=torch.get_num_threads(),
     )
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[int, str]:
+    """Peak memory in bytes that one call of ``fn()`` adds, and how it was measured (module docstring).
+
+    On CPU it first hands free heap memory back to the OS, so a call timed right after it
+    pays for faulting its buffers in again: time calls before measuring memory, not between.
+    """
+    device = torch.device(device)
+    return _PEAK_MEMORY[device.type](fn, device)
 
 
 def device_name(device: torch.device) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench.timing import measure
+from bench.timing import measure, peak_memory
 
 SLEEP_S = 0.02
 
@@ -47,6 +47,12 @@ def test_peak_memory_of_a_known_allocation(megabytes):
     timing = measure(allocate, device="cpu", n_examples=1, k=1, warmup=0, repeats=1)
     # The tensor dominates; the interpreter's own transient use is a few MB at most.
     assert n_bytes * 0.97 <= timing.peak_memory_bytes <= n_bytes + 8 * 2**20
+    peak, how = peak_memory(allocate, "cpu")  # the same probe on its own
+    assert n_bytes * 0.97 <= peak <= n_bytes + 8 * 2**20 and how == timing.memory_measure
+    calls = []
+    untouched = measure(lambda: calls.append(allocate()), device="cpu", n_examples=1, k=1, warmup=0, repeats=2,
+                        memory=False)
+    assert len(calls) == 2 and untouched.peak_memory_bytes == 0 and untouched.memory_measure == "not measured"
 
 
 def test_freed_memory_before_the_call_is_not_counted():
