@@ -79,7 +79,7 @@ def test_bad_arguments_name_the_problem():
 @pytest.mark.parametrize("data_dim", [40, 301])  # float32: one group of sigmoids, or two of 101 and one of 99
 def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(name, config, dtype, tolerance, data_dim):
     from vaes import create_model
-    from vaes.layers import decoder_log_prob
+    from vaes.layers import prepare_decoder_log_prob
 
     model = create_model(name, data_dim=data_dim, **config).to(dtype).eval()
     with torch.no_grad():  # larger weights and biases: logits well past softplus's linear range
@@ -88,7 +88,7 @@ def test_fast_bernoulli_log_likelihood_matches_the_plain_decoder(name, config, d
     x = (torch.rand(33, data_dim) < 0.4).to(dtype)
     z = torch.randn(7, 33, 5, dtype=dtype)
     with torch.inference_mode():
-        fast = decoder_log_prob(model.decoder, model.likelihood, x, z)
+        fast = prepare_decoder_log_prob(model.decoder, model.likelihood, x, max_k=7)(z)
         torch.manual_seed(1)
         fast_weights = model.log_weights(x, 3)  # the model's own route to the fast path
     plain = model.likelihood.log_prob(x, model.decoder(z)).detach()  # autograd on: the plain path

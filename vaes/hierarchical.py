@@ -21,7 +21,6 @@ from .base import LatentVariableModel, LogWeights, Objective, as_objective, chec
 from .layers import (
     BernoulliLikelihood,
     GaussianHead,
-    decoder_log_prob,
     make_likelihood,
     mlp,
     prepare_decoder_log_prob,
@@ -170,11 +169,6 @@ class HierarchicalVAE(LatentVariableModel):
                      for l, name in enumerate(self.layers[:-1], start=1)}
         log_prior[self.layers[-1]] = standard_normal_log_prob(zs[-1])
         return {name: log_prior[name] for name in self.layers}
-
-    def log_joint_parts(self, x: Tensor, z: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """log p(x | z_1) [K, B] and log p(z_l | z_{l+1}) [K, B] per layer (top layer: N(0, I))."""
-        log_likelihood = decoder_log_prob(self.decoder, self.likelihood, x, z[self.layers[0]])
-        return log_likelihood, self._log_priors(z)
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         check_k(k)

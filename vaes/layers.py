@@ -285,11 +285,6 @@ def prepare_decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: T
     return BlockedBernoulliDecoder(folded, x, max_k * x.shape[0]).log_prob
 
 
-def decoder_log_prob(decoder: nn.Sequential, likelihood: nn.Module, x: Tensor, z: Tensor) -> Tensor:
-    """log p(x | z) [K, B] of an MLP decoder's likelihood; x [B, D], z [K, B, n] (see prepare_decoder_log_prob)."""
-    return prepare_decoder_log_prob(decoder, likelihood, x, z.shape[0])(z)
-
-
 def fast_bernoulli_decoder(decoder: nn.Sequential, likelihood: nn.Module) -> list[FoldedLinear] | None:
     """The decoder folded for the blocked Bernoulli evaluation, or None where it does not apply
     (autograd on, another likelihood, or layers that do not fold)."""
