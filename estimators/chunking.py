@@ -67,7 +67,7 @@ def draw_chunks(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None
     for size, log_weights in zip(sizes, model.log_weight_chunks(x, sizes), strict=True):
         if log_weights.log_likelihood.shape != (size, x.shape[0]):
             raise ValueError(
-                f"{type(model).__name__}.log_weights returned shape {tuple(log_weights.log_likelihood.shape)}, "
+                f"{type(model).__name__} log weights of a chunk have shape {tuple(log_weights.log_likelihood.shape)}, "
                 f"expected [{size}, {x.shape[0]}]"
             )
         yield log_weights
