@@ -218,3 +218,12 @@ def test_log_marginal_auto_picks_exact_or_iwae():
         E.log_marginal(vae, torch.zeros(3, 8), method="exact")
     with pytest.raises(ValueError, match="choices: auto, exact, iwae"):
         E.log_marginal(vae, torch.zeros(3, 8), method="ais")
+
+
+def test_a_chunk_of_the_wrong_shape_is_named():
+    class OneDrawShort(ReplayModel):
+        def log_weights(self, x, k):
+            return super().log_weights(x, k - 1)
+
+    with pytest.raises(ValueError, match=r"OneDrawShort log weights of a chunk have shape \(2, 4\), expected \[3, 4\]"):
+        E.iwae(OneDrawShort(torch.zeros(10, 4)), torch.zeros(4, 1), k=3, chunk=3)
