@@ -6,6 +6,7 @@ parts. A model exposes densities only; it never computes a bound.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -100,6 +101,60 @@ def _jsonable(value: object) -> object:
     return value
 
 
+# --- optional capabilities ---------------------------------------------------------------------------
+# A model lists the ones it implements in ``capabilities``; estimators ask ``model.supports(name)`` (or
+# ``require``), never getattr, and a model without one gives a "not applicable" row.
+LOG_JOINT = "log_joint"  # log_joint(x, z) and sample_prior(n): AIS, BDMC
+SAMPLE_JOINT = "sample_joint"  # sample_joint(n): BDMC's simulated data with exact posterior samples
+POSTERIOR = "posterior"  # posterior(x) -> Posterior: the AIS start from q, STL, DReG
+DIFFUSION_TERMS = "diffusion_terms"  # diffusion_loss_terms(x, samples) -> DiffusionDraws
+CAPABILITIES = (LOG_JOINT, SAMPLE_JOINT, POSTERIOR, DIFFUSION_TERMS)
+
+Latents = dict[str, Tensor]
+"""A latent state in a model's own layout: one tensor per stochastic layer (keys ``model.layers``),
+each [*S, B, n_l] (S: any leading draw/chain dimensions, B: examples, n_l: the layer's width)."""
+
+
+class MissingCapability(ValueError):
+    """An estimator asked a model for a capability it does not declare (a not-applicable row)."""
+
+
+class Posterior(abc.ABC):
+    """q(z | x) for one batch x: reparameterized draws and their log density over every layer."""
+
+    @abc.abstractmethod
+    def rsample(self, k: int) -> Latents:
+        """K reparameterized draws, each layer [k, B, n_l]."""
+
+    @abc.abstractmethod
+    def log_prob(self, z: Latents) -> Tensor:
+        """log q(z | x) summed over layers, [*S, B]."""
+
+
+@dataclass(frozen=True)
+class DiffusionDraws:
+    """Per-draw parts of a diffusion model's ELBO, nats; estimators reduce them to a bound and its error.
+
+    ELBO = E[reconstruction] - prior - E[diffusion].
+    """
+
+    reconstruction: Tensor  # [S, B] log p(x | z_0) at S draws of z_0 ~ q(z_0 | x)
+    prior: Tensor  # [B] KL(q(z_1 | x) || p(z_1)), closed form
+    diffusion: Tensor  # [S, B] weighted denoising losses at S stratified times (unbiased for L_T or L_inf)
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What a model is, declared by it and written into every row: reports read this, never config keys."""
+
+    family: str  # e.g. "mlp-vae", "hvae", "vdm", "linear-gaussian", "mixture-oracle"
+    latent_layers: int  # stochastic layers of ``log_weights`` (a discrete-time VDM with T steps: T + 1)
+    data_dim: int  # numbers per example; bits/dim divides by it
+    likelihood: str  # "bernoulli" (binary data) or "gaussian"
+    diffusion_steps: int | None = None  # T of a discrete-time diffusion; None: not a diffusion, or continuous time
+    continuous_time: bool = False  # a diffusion whose bound is the T -> infinity limit
+
+
 class LatentVariableModel(nn.Module):
     """Base class of every registered model.
 
@@ -110,6 +165,22 @@ class LatentVariableModel(nn.Module):
 
     layers: tuple[str, ...] = ()
     config: object = None
+    capabilities: frozenset[str] = frozenset()  # of CAPABILITIES; see the optional methods below
+
+    def supports(self, capability: str) -> bool:
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}; choices: {', '.join(CAPABILITIES)}")
+        return capability in self.capabilities
+
+    def require(self, capability: str, wanted_by: str) -> None:
+        """Raise MissingCapability naming the model, the capability and who wanted it."""
+        if not self.supports(capability):
+            raise MissingCapability(f"{wanted_by} needs a model with {capability!r}; {type(self).__name__} "
+                                    f"declares {', '.join(sorted(self.capabilities)) or 'none'}")
+
+    def structure(self) -> ModelStructure:
+        """Family, depth and data shape of this model (written into rows)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its structure")
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         """K reparameterized posterior draws for each of the B rows of x."""
@@ -136,6 +207,31 @@ class LatentVariableModel(nn.Module):
     def posterior_means(self, x: Tensor) -> dict[str, Tensor] | None:
         """E_q[z_l | x] per layer, [B, n_l] each (for active units); None where the model has none."""
         return None
+
+    # --- optional capabilities: implemented where ``capabilities`` lists them -----------------------
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        """log p(x, z), [*S, B], differentiable in z (capability LOG_JOINT)."""
+        raise MissingCapability(f"{type(self).__name__} has no log_joint")
+
+    def sample_prior(self, n: int, batch: int) -> Latents:
+        """n ancestral draws of z ~ p(z) for each of ``batch`` examples, each layer [n, batch, n_l] (LOG_JOINT)."""
+        raise MissingCapability(f"{type(self).__name__} has no sample_prior")
+
+    def sample_joint(self, n: int) -> tuple[Tensor, Latents]:
+        """n ancestral draws (x, z) ~ p(x, z): x [n, D], each layer of z [n, n_l] (SAMPLE_JOINT).
+
+        Each z is an exact posterior sample of its x (BDMC's reverse chain starts there)."""
+        raise MissingCapability(f"{type(self).__name__} has no sample_joint")
+
+    def posterior(self, x: Tensor) -> Posterior:
+        """q(z | x) for the batch x (capability POSTERIOR)."""
+        raise MissingCapability(f"{type(self).__name__} has no posterior")
+
+    def diffusion_loss_terms(self, x: Tensor, *, samples: int = 1,
+                             generator: torch.Generator | None = None) -> DiffusionDraws:
+        """Per-draw parts of a diffusion model's ELBO (capability DIFFUSION_TERMS)."""
+        raise MissingCapability(f"{type(self).__name__} has no diffusion_loss_terms")
 
     @property
     def objective(self) -> Objective:
