@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_log_prob, standard_normal_log_prob
+from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, as_objective, check_k, diagonal_normal_log_prob, standard_normal_log_prob
 from .layers import (
     BernoulliLikelihood,
     GaussianHead,
@@ -183,6 +183,10 @@ class HierarchicalVAE(LatentVariableModel):
             draws = self._draw_posterior(first_layer, k)
             yield LogWeights(log_likelihood_of(draws.z[self.layers[0]]), self._log_priors(draws.z),
                              draws.log_posterior)
+
+    def structure(self) -> ModelStructure:
+        c = self.config
+        return ModelStructure("hvae", latent_layers=c.n_layers, data_dim=c.data_dim, likelihood=c.likelihood)
 
     def posterior_means(self, x: Tensor, samples: int = POSTERIOR_MEAN_SAMPLES) -> dict[str, Tensor]:
         """E_q[z_l | x] per layer, [B, n_l].

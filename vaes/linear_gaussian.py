@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, Objective, check_k, standard_normal_log_prob
+from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, check_k, standard_normal_log_prob
 from .registry import register_model
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -98,6 +98,9 @@ class LinearGaussian(LatentVariableModel):
         d = x.shape[-1]
         log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (_LOG_2PI + 2 * self.log_sigma))
         return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
+
+    def structure(self) -> ModelStructure:
+        return ModelStructure("linear-gaussian", latent_layers=1, data_dim=self.config.data_dim, likelihood="gaussian")
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         """KL(N(m, L L^T) || N(0, I)) = 1/2 [tr(L L^T) + |m|^2 - q - log det(L L^T)]."""

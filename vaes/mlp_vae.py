@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import LatentVariableModel, LogWeights, Objective, as_objective, check_k, diagonal_normal_kl, standard_normal_log_prob
+from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, as_objective, check_k, diagonal_normal_kl, standard_normal_log_prob
 from .layers import (
     BernoulliLikelihood,
     GaussianBernoulliDraws,
@@ -83,6 +83,10 @@ class MLPVAE(LatentVariableModel):
         mean, log_std = self.encode(x)
         zeros = torch.zeros_like(mean)
         return {"z": diagonal_normal_kl(mean, log_std, zeros, zeros)}
+
+    def structure(self) -> ModelStructure:
+        c = self.config
+        return ModelStructure("mlp-vae", latent_layers=1, data_dim=c.data_dim, likelihood=c.likelihood)
 
     def posterior_means(self, x: Tensor) -> dict[str, Tensor]:
         return {"z": self.encode(x)[0]}

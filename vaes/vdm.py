@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .base import (
     LatentVariableModel,
     LogWeights,
+    ModelStructure,
     Objective,
     as_objective,
     check_k,
@@ -246,6 +247,13 @@ class DiffusionModel(LatentVariableModel):
     def trajectory_steps(self) -> int:
         """Number of steps n of the discrete trajectory that ``log_weights`` samples."""
         return self.time_mode.trajectory_steps(self.config)
+
+    def structure(self) -> ModelStructure:
+        c = self.config
+        continuous = c.time == "continuous"
+        return ModelStructure("vdm", latent_layers=self.trajectory_steps + 1, data_dim=c.data_dim,
+                              likelihood=c.likelihood, diffusion_steps=None if continuous else c.steps,
+                              continuous_time=continuous)
 
     def _signal(self, x: Tensor) -> Tensor:
         self.check_batch(x, self.config.data_dim)
