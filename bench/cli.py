@@ -14,8 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .evaluators import estimator_descriptions
-from .suites import SuiteError, available_suites
+from .plan.keys import SuiteError
+from .plan.suite import available_suites
+from .run.evaluators import estimator_descriptions
 
 log = logging.getLogger("bench")
 
@@ -100,22 +101,25 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_filter_names(args: argparse.Namespace) -> None:
-    """Filters naming nothing registered are typos: say which names exist."""
-    import vaes
+    """Filters naming nothing registered are typos: say which names exist.
 
-    from .data import list_datasets
-    from .evaluators import ESTIMATORS
+    A model filter may also name a suite label; those are checked against the suite afterwards.
+    """
+    from .data import dataset_descriptions
+    from .plan.choices import UnknownChoice, choose
+    from .run.evaluators import ESTIMATORS
 
-    known = {"models": vaes.list_models(), "datasets": list_datasets(), "estimators": list(ESTIMATORS)}
-    for flag, names in known.items():
+    known = {"dataset": ("datasets", dataset_descriptions()), "estimator": ("estimators", ESTIMATORS)}
+    for what, (flag, table) in known.items():
         for name in getattr(args, flag) or ():
-            # A model filter may also name a suite label; those are checked against the suite afterwards.
-            if name not in names and flag != "models":
-                raise UsageError(f"unknown {flag[:-1]} {name!r} in --{flag}; known {flag}: {', '.join(names)}")
+            try:
+                choose(what, name, table)
+            except UnknownChoice as exc:
+                raise UsageError(f"--{flag}: {exc}") from None
 
 
 def _resolve_device(name: str):
-    from .train import resolve_device
+    from .run.device import resolve_device
 
     try:
         return resolve_device(name)
@@ -129,9 +133,9 @@ def _suite_record(suite) -> dict:
 
 def _prepare_run(args: argparse.Namespace):
     """Everything is validated here; nothing is written. Returns (plan, run_dir, manifest or None, options)."""
-    from . import runner
+    from .plan.fits import prepare
+    from .plan.suite import load_suite, parse_suite, select
     from .store import check_new_run_dir, load_manifest
-    from .suites import load_suite, parse_suite, select
 
     device = _resolve_device(args.device)
     if args.resume is not None:
@@ -146,7 +150,7 @@ def _prepare_run(args: argparse.Namespace):
                             label=Path(record["source"]).name)
         suite = select(suite, **options.get("selection", {}))
         data_dir = args.data_dir or (Path(options["data_dir"]) if options.get("data_dir") else None)
-        return runner.prepare(suite, data_dir=data_dir), args.resume, device, options, data_dir
+        return prepare(suite, data_dir=data_dir), args.resume, device, options, data_dir
 
     if not args.all and not any(getattr(args, f) for f in ("models", "datasets", "estimators")):
         raise UsageError("nothing selected: pass --all to run the whole suite, or narrow it with "
@@ -161,7 +165,7 @@ def _prepare_run(args: argparse.Namespace):
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = args.out if args.out is not None else Path("runs") / f"{stamp}-{suite.name}"
     check_new_run_dir(run_dir)
-    plan = runner.prepare(suite, data_dir=args.data_dir)
+    plan = prepare(suite, data_dir=args.data_dir)
     options = {"selection": selection, "data_dir": None if args.data_dir is None else str(args.data_dir),
                "device": args.device}
     return plan, run_dir, device, options, args.data_dir
@@ -177,7 +181,8 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from . import provenance, runner
+    from . import provenance
+    from .run.execute import execute
     from .store import ResultsStore
 
     try:
@@ -202,7 +207,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
     try:
         with store:
-            summary = runner.execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet)
+            summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet)
             store.update_manifest(finished=provenance.now(), threads=torch.get_num_threads(), summary={
                 "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
     finally:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .run.device import device_name  # one naming for manifests and timings
+
 PACKAGES = ("torch", "numpy", "pandas", "elbo-bench")
 
 
@@ -39,14 +41,6 @@ def versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[package] = None
     return found
-
-
-def device_name(device: torch.device) -> str:
-    from .timing import (
-        device_name as timed_device_name,  # one naming for manifests and timings
-    )
-
-    return timed_device_name(device)
 
 
 def manifest(run_id: str, *, device: torch.device, command: list[str], suite: dict, options: dict) -> dict:

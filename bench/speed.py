@@ -3,6 +3,7 @@
     python -m bench.speed                       # K = 50 and 5000 on 1,000 examples
     python -m bench.speed --ks 50 --repeats 5   # quicker
     python -m bench.speed --test-set            # + wall time of IWAE-5000 on the MNIST test set
+                                                # (read through bench.data: --data-dir, $ELBO_BENCH_DATA, cache)
 
 Three ways to get the same number of importance samples (n_examples x K) through
 the IWAE paper's one-layer model (create_model("vae"): 784-200-200-50, tanh, Bernoulli):
@@ -19,15 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 
-from bench.timing import Timing, measure, peak_memory
+from bench.data import DataIntegrityError, DataNotFoundError, load_dataset
+from bench.run.timing import Timing, measure, peak_memory
 from estimators import iwae
 from vaes import create_model
 from vaes.base import standard_normal_log_prob
@@ -102,12 +102,12 @@ def _pooled(timings: list[Timing], peak_bytes: int, memory_measure: str) -> Timi
         peak_memory_bytes=peak_bytes, memory_measure=memory_measure)
 
 
-def load_mnist_test(data_dir: Path) -> torch.Tensor:
-    arrays = np.load(data_dir / "binarized_mnist.npz")
-    return torch.from_numpy(np.unpackbits(arrays["test"], axis=1)[:, :784].astype(np.float32))
+def load_mnist_test(data_dir: Path | None = None) -> torch.Tensor:
+    """The binarized-MNIST test images, float32 [10000, 784], found and digest-checked by bench.data."""
+    return load_dataset("binarized-mnist", data_dir=data_dir).test
 
 
-def test_set_seconds(data_dir: Path, *, k: int, batch: int, batches: int | None) -> tuple[float, int, int]:
+def test_set_seconds(data_dir: Path | None, *, k: int, batch: int, batches: int | None) -> tuple[float, int, int]:
     """Seconds for IWAE-k over the first ``batches`` batches of the test set (all if None)."""
     model = create_model("vae").eval()
     test = load_mnist_test(data_dir)
@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big-k-examples", type=int, default=200,
                         help="examples for K > 500 (the plain loop at K = 5000 on 1,000 examples takes minutes)")
     parser.add_argument("--test-set", action="store_true", help="also time IWAE-5000 on the binarized-MNIST test set")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder holding binarized_mnist.npz (else $ELBO_BENCH_DATA, else the user cache)")
     parser.add_argument("--test-batches", type=int, default=None,
                         help="time only this many batches of 1,000 test images and extrapolate (default: all)")
     args = parser.parse_args(argv)
@@ -147,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         low, high = min(peaks), max(peaks)
         print(f"iwae peak memory K={high} / K={low}: {peaks[high] / peaks[low]:.2f}  ({timings['iwae'].memory_measure})")
     if args.test_set:
-        data_dir = Path(os.environ.get("ELBO_BENCH_DATA", "/work/shared/data"))
-        seconds, done, total = test_set_seconds(data_dir, k=5000, batch=1000, batches=args.test_batches)
+        try:
+            seconds, done, total = test_set_seconds(args.data_dir, k=5000, batch=1000, batches=args.test_batches)
+        except (DataNotFoundError, DataIntegrityError) as exc:
+            parser.exit(2, f"bench.speed: error: {exc}\n")
         scaled = seconds * total / done
         note = "measured" if done == total else f"extrapolated from {done} measured images ({seconds:.1f} s)"
         print(f"IWAE-5000 on the {total:,} MNIST test images: {scaled:.1f} s wall ({note})")

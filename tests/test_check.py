@@ -336,7 +336,7 @@ def test_end_to_end_rerun_passes_and_a_wrapped_loosened_estimator_fails(tmp_path
     estimator is wrapped to subtract 0.5 nats: the rerun passes, the loosened run fails naming the cell."""
     import dataclasses
 
-    from bench import evaluators
+    from bench.run import evaluators
 
     suite = tmp_path / "tiny.toml"
     suite.write_text(TINY_SUITE)
@@ -385,13 +385,13 @@ def test_committed_regression_baseline_matches_the_suite():
     the regression suite as it is now: its (dataset, model, config_hash) triples are the suite's, so a model
     config change that would turn the CI check into "missing on both sides" fails here first."""
     import vaes
-    from bench import runner
-    from bench.suites import load_suite
+    from bench.plan.fits import prepare
+    from bench.plan.suite import load_suite
 
     path = Path(__file__).resolve().parents[1] / "reports" / "baselines" / "regression.json"
     cells = check.read_baseline(path)
     in_baseline = {(key[0], key[2], key[3]) for key in cells}
-    plan = runner.prepare(load_suite("regression"))
+    plan = prepare(load_suite("regression"))
     in_suite = {(fit.dataset, fit.model.name, fit.config_hash) for fit in plan.fits}
     assert in_baseline == in_suite
     assert {model for _, model, _ in in_suite} == set(vaes.list_models())

@@ -12,7 +12,7 @@ import torch
 
 import bench.data
 from bench.cli import main
-from bench.store import MANIFEST_FILE, read_results
+from reports.schema import MANIFEST_FILE, read_rows
 from vaes import register_model, unregister_model
 from vaes.mlp_vae import MLPVAE, MLPVAEConfig
 
@@ -148,7 +148,7 @@ def test_a_nan_cell_fails_while_the_others_finish(tmp_path, capsys, nan_model):
     err = capsys.readouterr().err
     assert code == 1
     assert "2 failed" in err and f"digits / {nan_model} / seed 0 / iwae k=1" in err
-    rows = read_results(tmp_path / "out")
+    rows = read_rows(tmp_path / "out")[0]
     by_status = {(r["model"], r["estimator"], r["k"]): r for r in rows}
     for k in (1, 3):
         failed = by_status[(nan_model, "iwae", k)]
@@ -193,7 +193,7 @@ def test_the_report_is_built_at_the_end_and_its_failure_loses_nothing(tmp_path, 
                  str(tmp_path / "cache"), "--quiet"])
     assert code == 0 and asked == [[tmp_path / "out"]]
     assert "building the report failed" in caplog.text
-    assert len([r for r in read_results(tmp_path / "out") if r["metric"] == "iwae"]) == 2
+    assert len([r for r in read_rows(tmp_path / "out")[0] if r["metric"] == "iwae"]) == 2
     # The report subcommand is wired to reports.cli.
     monkeypatch.undo()
     assert main(["report", str(tmp_path / "out"), "--format", "md"]) == 0

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from torch import nn
 
-from bench.suites import load_suite
+from bench.plan.suite import load_suite
 from bench.train import SCHEDULES, TrainConfig, iwae_stage
 from reports.published import DIFFERENCE, MEASURED, PUBLISHED, load_published, published_tables
 from reports.units import NLL_NATS

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.store import ROW_COLUMNS
+from reports.schema import ROW_COLUMNS
 from reports.cells import summarize
 from reports.load import load_results
 from reports.plots import (

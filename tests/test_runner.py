@@ -18,15 +18,10 @@ import torch
 import estimators
 from bench.cli import main
 from bench.data import load_dataset
-from bench.store import (
-    CELLS_FILE,
-    MANIFEST_FILE,
-    RESULTS_FILE,
-    read_jsonl,
-    read_results,
-)
-from bench.suites import SUITES_DIR
+from bench.plan.suite import SUITES_DIR
+from bench.store import CELLS_FILE
 from bench.train import TrainConfig, train_model
+from reports.schema import MANIFEST_FILE, RESULTS_FILE, read_jsonl, read_rows
 
 SMOKE = tomllib.loads((SUITES_DIR / "smoke.toml").read_text())
 TIMING_METRICS = {"throughput", "examples_per_s", "wall_median_s", "peak_memory"}
@@ -51,7 +46,7 @@ def smoke_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_smoke_run_writes_a_complete_table(smoke_run):
     run_dir, _ = smoke_run
-    rows = read_results(run_dir)
+    rows = read_rows(run_dir)[0]
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
     assert manifest["summary"] == {"cells": 28, "ok": 27, "skipped": 1, "failed": 0}
     assert manifest["suite"]["contents"] == SMOKE and manifest["finished"] >= manifest["started"]
@@ -83,7 +78,7 @@ DIRECT = {  # estimator -> (metric, per-batch call returning an Estimate)
 
 def test_smoke_values_match_the_estimators_called_directly(smoke_run):
     run_dir, cache = smoke_run
-    rows = [r for r in read_results(run_dir) if r["status"] == "ok"]
+    rows = [r for r in read_rows(run_dir)[0] if r["status"] == "ok"]
     n, batch = SMOKE["eval"]["n_examples"], SMOKE["eval"]["batch_size"]
     checked = 0
     for fit in {(r["dataset"], r["model"], json.dumps(r["model_config"]), r["seed"]) for r in rows}:
@@ -139,7 +134,7 @@ def test_killed_run_resumes_to_the_same_rows(smoke_run, tmp_path):
 
     assert main(["run", "--resume", str(run_dir), "--cache-dir", str(cache), "--no-report", "--quiet"]) == 0
     resumed, torn = read_jsonl(run_dir / RESULTS_FILE)
-    reference = read_results(reference_dir)
+    reference = read_rows(reference_dir)[0]
     assert not torn
     keys = [(r["cell_id"], r["metric"]) for r in resumed]
     assert len(keys) == len(set(keys))  # nothing recorded twice

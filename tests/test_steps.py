@@ -18,10 +18,10 @@ import torch
 
 from bench.cli import main
 from bench.data import load_dataset
-from bench.runner import prepare
-from bench.store import read_results
-from bench.suites import load_suite
+from bench.plan.fits import prepare
+from bench.plan.suite import load_suite
 from bench.train import TrainConfig, train_model
+from reports.schema import read_rows
 from vaes import create_model
 
 Z = 4.0
@@ -75,13 +75,13 @@ def steps_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def _rows(run_dir: Path, model: str, metric: str) -> dict[int, dict]:
     """T -> the ok row of `metric` of `model`."""
-    rows = [r for r in read_results(run_dir) if r["model"] == model and r["metric"] == metric and r["status"] == "ok"]
+    rows = [r for r in read_rows(run_dir)[0] if r["model"] == model and r["metric"] == metric and r["status"] == "ok"]
     return {r["model_config"]["log_weights_steps"]: r for r in rows}
 
 
 def test_the_evaluations_share_one_training_run_and_differ_only_in_T(steps_run):
     run_dir, cache = steps_run
-    rows = [r for r in read_results(run_dir) if r["model"] == "vdm"]
+    rows = [r for r in read_rows(run_dir)[0] if r["model"] == "vdm"]
     train_rows = [r for r in rows if r["estimator"] == "train"]
     assert len(train_rows) == 1 and train_rows[0]["model_config"] == VDM_CONFIG
     assert len(list(cache.glob("vdm--mixture-2d--*.pt"))) == 1  # one checkpoint, keyed by the trained config

@@ -5,30 +5,34 @@ import json
 
 import pytest
 
-from bench.store import (
-    CELLS_FILE,
+from bench.store import CELLS_FILE, ResultsStore, RunDirectoryError, check_new_run_dir
+from reports.schema import (
     MANIFEST_FILE,
     RESULTS_FILE,
     ROW_COLUMNS,
-    ResultsStore,
-    RunDirectoryError,
-    check_new_run_dir,
+    SCHEMA_VERSION,
+    ResultRow,
     read_jsonl,
-    read_results,
+    read_rows,
 )
 
 
-def _row(cell_id: str, metric: str, value: float | None = 1.0, status: str = "ok") -> dict:
-    row = dict.fromkeys(ROW_COLUMNS)
-    row.update(run_id="r", cell_id=cell_id, metric=metric, value=value, status=status)
-    return row
+def _record(cell_id: str, metric: str, value: float | None = 1.0, status: str = "ok") -> dict:
+    record = dict.fromkeys(ROW_COLUMNS)
+    record.update(run_id="r", cell_id=cell_id, metric=metric, value=value, status=status,
+                  schema_version=SCHEMA_VERSION)
+    return record
+
+
+def _row(cell_id: str, metric: str, value: float | None = 1.0, status: str = "ok") -> ResultRow:
+    return ResultRow.from_record(_record(cell_id, metric, value, status))
 
 
 def test_rows_are_on_disk_before_the_store_closes(tmp_path):
     store = ResultsStore.create(tmp_path / "run", {"run_id": "run"})
     store.append_row(_row("a", "elbo", -3.5))
     # Flushed per row: another reader sees it while the writer is still open.
-    assert [r["value"] for r in read_results(tmp_path / "run")] == [-3.5]
+    assert [r["value"] for r in read_rows(tmp_path / "run")[0]] == [-3.5]
     store.finish_cell("a", "ok")
     assert read_jsonl(tmp_path / "run" / CELLS_FILE)[0] == [{"cell_id": "a", "status": "ok"}]
     store.close()
@@ -38,15 +42,16 @@ def test_non_finite_values_are_stored_as_null(tmp_path):
     with ResultsStore.create(tmp_path / "run", {"run_id": "run"}) as store:
         store.append_row(_row("a", "elbo", float("nan"), status="failed"))
     assert (tmp_path / "run" / RESULTS_FILE).read_text().count("NaN") == 0
-    assert read_results(tmp_path / "run")[0]["value"] is None
+    assert read_rows(tmp_path / "run")[0][0]["value"] is None
 
 
-def test_a_row_with_wrong_columns_is_refused(tmp_path):
-    with ResultsStore.create(tmp_path / "run", {"run_id": "run"}) as store:
-        bad = _row("a", "elbo")
-        del bad["unit"]
-        with pytest.raises(ValueError, match="unit"):
-            store.append_row(bad)
+def test_a_row_with_wrong_columns_is_refused():
+    bad = _record("a", "elbo")
+    del bad["unit"]
+    with pytest.raises(ValueError, match="unit"):
+        ResultRow.from_record(bad)
+    with pytest.raises(ValueError, match="status 'done'"):
+        _row("a", "elbo", status="done")
 
 
 def test_resume_drops_unfinished_and_failed_cells_and_a_torn_line(tmp_path):
@@ -65,7 +70,7 @@ def test_resume_drops_unfinished_and_failed_cells_and_a_torn_line(tmp_path):
 
     store = ResultsStore.resume(run)
     assert store.finished == {"done": "ok"}
-    kept = read_results(run)
+    kept = read_rows(run)[0]
     assert [(r["cell_id"], r["metric"]) for r in kept] == [("done", "elbo"), ("done", "kl")]
     assert (run / RESULTS_FILE).read_bytes().endswith(b"\n")
     # Appending after the repair gives whole lines only.

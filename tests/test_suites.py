@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from bench.runner import prepare
-from bench.suites import SuiteError, available_suites, load_suite, parse_suite, select
+from bench.plan.fits import prepare
+from bench.plan.keys import SuiteError
+from bench.plan.suite import available_suites, load_suite, parse_suite, select
 from vaes.base import config_hash
 
 
@@ -61,9 +62,9 @@ def test_matrix_expansion_counts_and_defaults():
     ({"models": [{"name": "vae", "config": {"hidden": 8}}]}, "models[0].config.hidden must be a list, got 8"),
     ({"models": [{"name": "vae", "config": {"width": 8}}]}, "models[0].config.width is not a setting of model 'vae'"),
     ({"models": [{"name": "vae", "config": {"data_dim": 8}}]}, "models[0].config.data_dim is set from each dataset"),
-    ({"models": [{"name": "nope"}]}, "models[0].name names an unknown model 'nope'; known models: "),
-    ({"datasets": ["digits", "linear-gaussian", "nope"]}, "datasets[2] names an unknown dataset 'nope'; known datasets: "),
-    ({"estimators": [{"name": "nope"}]}, "estimators[0].name is an unknown estimator 'nope'; known estimators: elbo"),
+    ({"models": [{"name": "nope"}]}, "models[0].name names an unknown model 'nope'; choices: "),
+    ({"datasets": ["digits", "linear-gaussian", "nope"]}, "datasets[2] names an unknown dataset 'nope'; choices: "),
+    ({"estimators": [{"name": "nope"}]}, "estimators[0].name is an unknown estimator 'nope'; choices: elbo"),
     ({"estimators": [{"name": "iwae", "k": [1, 0]}]}, "estimators[0].k[1] must be an integer >= 1, got 0"),
     ({"estimators": [{"name": "iwae", "k": 2.5}]}, "estimators[0].k must be an integer, got 2.5"),
     ({"estimators": [{"name": "elbo", "samples": True}]}, "estimators[0].samples must be an integer, got True"),
@@ -165,7 +166,7 @@ def test_malformed_toml_names_the_file(tmp_path):
     path.write_text('datasets = ["digits"\n')
     with pytest.raises(SuiteError, match="suite broken.toml: malformed TOML"):
         load_suite(str(path))
-    with pytest.raises(SuiteError, match="unknown suite 'nope'; known suites: .*smoke"):
+    with pytest.raises(SuiteError, match="unknown suite 'nope'; choices: .*smoke"):
         load_suite("nope")
 
 

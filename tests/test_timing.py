@@ -1,4 +1,4 @@
-"""bench.timing.measure: medians against known durations, exact throughput arithmetic, peak memory."""
+"""bench.run.timing.measure: medians against known durations, exact throughput arithmetic, peak memory."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench.timing import measure, peak_memory
+from bench.run.timing import measure, peak_memory
 
 SLEEP_S = 0.02
 

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from bench.data import Dataset, load_dataset
+from bench.run.device import resolve_device
 from bench.train import (
     SCHEDULES,
     CheckpointError,
     TrainConfig,
     TrainingDivergedError,
     checkpoint_key,
-    checkpoint_path,
     initial_model,
     iwae_stage,
-    resolve_device,
     train_model,
 )
+from bench.train.checkpoints import checkpoint_path
 from estimators import training_objective
 from vaes import create_model
 
@@ -261,10 +261,10 @@ class _Interrupted(Exception):
 
 def _interrupt_after(monkeypatch, saves: int) -> list[int]:
     """Make training stop right after its ``saves``-th resume state; returns the steps saved at."""
-    import bench.train as train_module
+    from bench.train import checkpoints as train_module
 
     saved_at: list[int] = []
-    original = train_module._ResumeFile.save
+    original = train_module.ResumeFile.save
 
     def save_then_stop(self, model, optimizer, scheduler, order_gen, device, progress):
         original(self, model, optimizer, scheduler, order_gen, device, progress)
@@ -272,7 +272,7 @@ def _interrupt_after(monkeypatch, saves: int) -> list[int]:
         if len(saved_at) == saves:
             raise _Interrupted
 
-    monkeypatch.setattr(train_module._ResumeFile, "save", save_then_stop)
+    monkeypatch.setattr(train_module.ResumeFile, "save", save_then_stop)
     return saved_at
 
 

@@ -4,7 +4,7 @@
 offending key in every error ("suite smoke.toml: models[2].config.latent_dim
 must be an integer, got 'a'"). Checks that need the registries' objects (a
 model's config fields, whether a model fits a dataset's kind of data) are made
-by ``bench.runner.prepare`` before any run directory exists.
+by ``bench.plan.fits.prepare`` before any run directory exists.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .evaluators import ESTIMATORS, Param
+from bench.run.evaluators import ESTIMATORS
 
-SUITES_DIR = Path(__file__).parent / "suites"
+from .keys import KeyChecker, SuiteError
+
+SUITES_DIR = Path(__file__).parent.parent / "suites"
 
 # Keys each table accepts, with the default used when absent.
 EVAL_DEFAULTS = {
@@ -36,10 +38,6 @@ MODEL_KEYS = ("name", "label", "config", "eval_configs", "train", "datasets", "e
 DATASET_SET_KEYS = ("data_dim", "likelihood")
 
 
-class SuiteError(ValueError):
-    """A suite that cannot run; the message names the suite and the key."""
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """One evaluation of a trained model entry under evaluation-only overrides (see ModelSpec.eval_configs)."""
@@ -56,7 +54,7 @@ class ModelSpec:
     train: dict  # overrides of the suite's [train] table
     datasets: tuple[str, ...]  # the suite datasets this model runs on
     # Evaluations of the one trained model; () means one, under `config` itself. Each holds only fields the
-    # model declares evaluation-only (checked by bench.runner.prepare against the built model).
+    # model declares evaluation-only (checked by bench.plan.fits.prepare against the built model).
     eval_configs: tuple[EvalConfig, ...] = ()
     estimators: tuple[str, ...] | None = None  # names of the suite's estimators run on it; None: all
 
@@ -71,7 +69,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EstimatorSpec:
-    name: str  # key of bench.evaluators.ESTIMATORS
+    name: str  # key of bench.run.evaluators.ESTIMATORS
     ks: tuple[int | None, ...]  # the K grid (None for estimators without K)
     params: dict  # every parameter of the estimator, defaults filled in
     n_examples: int | None  # per-estimator override of eval.n_examples (e.g. fewer for IWAE-5000)
@@ -113,7 +111,7 @@ def resolve_suite_path(name_or_path: str) -> Path:
         return as_path
     shipped = SUITES_DIR / f"{name_or_path}.toml"
     if not shipped.is_file():
-        raise SuiteError(f"unknown suite {name_or_path!r}; known suites: {', '.join(available_suites())} "
+        raise SuiteError(f"unknown suite {name_or_path!r}; choices: {', '.join(available_suites())} "
                          f"(or give the path of a .toml file)")
     return shipped
 
@@ -131,104 +129,6 @@ def _read_toml(path: Path) -> dict:
         raise SuiteError(f"suite {path.name}: malformed TOML: {exc}") from None
     except OSError as exc:
         raise SuiteError(f"suite {path}: cannot read: {exc.strerror}") from None
-
-
-# --- validation helpers: each names the key path -------------------------------------------------
-
-def _type_name(value: object) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
-
-
-class KeyChecker:
-    def __init__(self, label: str):
-        self.label = label
-
-    def fail(self, key: str, problem: str) -> SuiteError:
-        return SuiteError(f"suite {self.label}: {key} {problem}")
-
-    def table(self, value: object, key: str, allowed: tuple[str, ...] | None) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(key, f"must be a table, got {value!r}")
-        if allowed is not None:
-            for name in value:
-                if name not in allowed:
-                    where = f"{key}.{name}" if key else name
-                    raise self.fail(where, f"is not a known key; choices: {', '.join(allowed)}")
-        return value
-
-    def array_of_tables(self, value: object, key: str) -> list[tuple[str, dict]]:
-        """A non-empty [[key]] array as (entry key, entry table) pairs, each entry required to have a name."""
-        if not isinstance(value, list) or not value:
-            raise self.fail(key, f"must be a non-empty array of tables ([[{key}]])")
-        entries = []
-        for i, entry in enumerate(value):
-            entry_key = f"{key}[{i}]"
-            self.table(entry, entry_key, None)
-            if "name" not in entry:
-                raise self.fail(f"{entry_key}.name", "is missing")
-            entries.append((entry_key, entry))
-        return entries
-
-    def string(self, value: object, key: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(key, f"must be a non-empty string, got {value!r}")
-        return value
-
-    def integer(self, value: object, key: str, minimum: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"must be an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    def number(self, value: object, key: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, f"must be a number, got {value!r}")
-        return float(value)
-
-    def boolean(self, value: object, key: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, got {value!r}")
-        return value
-
-    def names(self, value: object, key: str) -> tuple[str, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.fail(key, f"must be a non-empty list of names, got {value!r}")
-        names = tuple(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(set(names)) != len(names):
-            raise self.fail(key, f"lists a name twice: {list(names)}")
-        return names
-
-    def k_grid(self, value: object, key: str) -> tuple[int, ...]:
-        values = value if isinstance(value, list) else [value]
-        if not values:
-            raise self.fail(key, "must be an integer >= 1 or a non-empty list of them, got []")
-        where = (lambda i: f"{key}[{i}]") if isinstance(value, list) else (lambda i: key)
-        return tuple(self.integer(v, where(i), minimum=1) for i, v in enumerate(values))
-
-    def param(self, value: object, key: str, spec: Param) -> object:
-        checkers = {
-            "k-grid": lambda: self.k_grid(value, key),
-            "k": lambda: self.integer(value, key, minimum=1),
-            "str": lambda: self.string(value, key),
-            "float": lambda: self.number(value, key),
-        }
-        checked = checkers[spec.type]()
-        if spec.choices is not None and checked not in spec.choices:
-            raise self.fail(key, f"must be one of {', '.join(spec.choices)}, got {value!r}")
-        return checked
-
-    def settings(self, value: object, key: str, defaults: dict, types: dict) -> dict:
-        given = self.table(value, key, tuple(defaults))
-        merged = dict(defaults)
-        for name, v in given.items():
-            merged[name] = types[name](v, f"{key}.{name}")
-        return merged
-
-
-def _optional_positive(check: KeyChecker):
-    return lambda v, key: check.integer(v, key, minimum=1)
 
 
 def parse_suite(contents: dict, *, source: str, default_name: str, label: str | None = None) -> Suite:
@@ -249,13 +149,12 @@ def parse_suite(contents: dict, *, source: str, default_name: str, label: str | 
     if "seed" in train:
         raise check.fail("train.seed", "is set per cell from `seeds`; remove it")
 
-    positive = _optional_positive(check)
     eval_settings = check.settings(contents.get("eval", {}), "eval", EVAL_DEFAULTS, {
-        "split": check.string, "n_examples": positive, "batch_size": positive,
-        "data_seed": lambda v, key: check.integer(v, key, minimum=0)})
+        "split": check.string, "n_examples": check.positive, "batch_size": check.positive,
+        "data_seed": check.non_negative})
     timing = check.settings(contents.get("timing", {}), "timing", TIMING_DEFAULTS, {
-        "enabled": check.boolean, "n_examples": positive, "repeats": positive,
-        "warmup": lambda v, key: check.integer(v, key, minimum=0)})
+        "enabled": check.boolean, "n_examples": check.positive, "repeats": check.positive,
+        "warmup": check.non_negative})
 
     estimator_specs = _parse_estimators(contents["estimators"], check)
     models = _parse_models(contents["models"], datasets, {e.name for e in estimator_specs}, check)
@@ -334,10 +233,7 @@ def _parse_estimators(value: object, check: KeyChecker) -> tuple[EstimatorSpec, 
     specs = []
     for key, entry in check.array_of_tables(value, "estimators"):
         name = check.string(entry["name"], f"{key}.name")
-        if name not in ESTIMATORS:
-            raise check.fail(f"{key}.name", f"is an unknown estimator {name!r}; known estimators: "
-                                            f"{', '.join(ESTIMATORS)}")
-        kind = ESTIMATORS[name]
+        kind = check.choice(name, f"{key}.name", "estimator", ESTIMATORS, verb="is an")
         check.table(entry, key, ("name", "n_examples", *kind.params))
         params = {}
         for pname, spec in kind.params.items():

@@ -22,11 +22,15 @@ import gc
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from bench.plan.choices import choose
+
+from .device import device_name
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -60,13 +64,11 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, n_examples:
     """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls, then (unless ``memory`` is
     False) measure its peak memory with one more call."""
     device = torch.device(device)
-    if device.type not in _CLOCKS:
-        raise ValueError(f"cannot time on device {device.type!r}; choices: {', '.join(sorted(_CLOCKS))}")
+    clock = choose("timing device", device.type, _CLOCKS)
     if n_examples < 1 or k < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"need n_examples, k, repeats >= 1 and warmup >= 0; got {n_examples}, {k}, {repeats}, {warmup}")
     for _ in range(warmup):
         fn()
-    clock = _CLOCKS[device.type]
     times = tuple(clock(fn, device) for _ in range(repeats))
     median = statistics.median(times)
     peak, how = peak_memory(fn, device) if memory else (0, "not measured")
@@ -87,12 +89,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> tuple[i
     """
     device = torch.device(device)
     return _PEAK_MEMORY[device.type](fn, device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _cpu_model_name()
 
 
 def _iqr(times: tuple[float, ...]) -> float:
@@ -193,15 +189,3 @@ def _sampled_peak_kib(fn: Callable[[], object]) -> int:
         done.set()
         sampler.join()
     return max(peak, _status_kib("VmRSS"))
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "cpu"

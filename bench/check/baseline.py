@@ -1,0 +1,131 @@
+"""Reading a run's rows and a baseline, and writing a baseline from a clean run (files via reports.schema)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from reports.schema import RESULTS_FILE, ResultsFileError, read_jsonl, read_manifest, upgrade_record, write_json
+
+from .cells import KEY_FIELDS, CellKey, CheckInputError, cell_key, describe_key, sort_key
+from .compare import rows_by_key
+from .rules import policy_of
+
+BASELINE_FORMAT = "elbo-bench-baseline"
+BASELINE_FORMAT_VERSION = 1
+# Fields a baseline keeps for each cell, besides the key.
+CELL_FIELDS = ("value", "stderr", "mc_stderr", "unit", "n_examples", "method", "label", "model_config")
+
+
+def read_run_rows(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/results.jsonl, in file order; CheckInputError when absent, empty or malformed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckInputError(f"run directory not found: {run_dir}")
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        raise CheckInputError(f"{run_dir} has no {RESULTS_FILE}: is it a run directory (python -m bench run --out DIR)?")
+    try:
+        rows, torn = read_jsonl(path)
+    except ResultsFileError as error:
+        raise CheckInputError(str(error)) from None
+    if torn:
+        # An interrupted run would pass with its unfinished cells merely "missing"; refuse it instead.
+        raise CheckInputError(f"{path} ends in a torn line: the run was interrupted; "
+                              f"finish it with python -m bench run --resume {run_dir}")
+    for number, row in enumerate(rows, start=1):
+        missing = [name for name in (*KEY_FIELDS, "value", "status") if name not in row]
+        if missing:
+            raise CheckInputError(f"{path}:{number} lacks the columns {', '.join(missing)}")
+    if not rows:
+        raise CheckInputError(f"{path} holds no results")
+    return [upgrade_record(row) for row in rows]
+
+
+def _run_manifest(run_dir: Path) -> dict:
+    try:
+        manifest = read_manifest(run_dir)
+    except ResultsFileError as error:
+        raise CheckInputError(str(error)) from None
+    if manifest is None:
+        raise CheckInputError(f"run manifest not found in {run_dir}")
+    return manifest
+
+
+def read_baseline(path: Path) -> dict[CellKey, dict]:
+    """Baseline cells by key; CheckInputError when missing, malformed or of another format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckInputError(f"baseline not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckInputError(f"baseline {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
+        raise CheckInputError(f"{path} is not an elbo-bench baseline (expected \"format\": \"{BASELINE_FORMAT}\"); "
+                              f"write one with: python -m bench check RUN_DIR --write-baseline FILE")
+    version = data.get("format_version")
+    if version != BASELINE_FORMAT_VERSION:
+        raise CheckInputError(f"baseline {path} has format version {version!r}; this check reads version "
+                              f"{BASELINE_FORMAT_VERSION}: rewrite it with --write-baseline")
+    cells = data.get("cells")
+    if not isinstance(cells, list) or not cells:
+        raise CheckInputError(f"baseline {path} has no cells (expected a non-empty list under \"cells\")")
+    by_key: dict[CellKey, dict] = {}
+    for index, cell in enumerate(cells):
+        missing = [name for name in (*KEY_FIELDS, "value") if name not in cell] if isinstance(cell, dict) \
+            else ["(not an object)"]
+        if missing:
+            raise CheckInputError(f"baseline {path} cell {index} lacks {', '.join(missing)}")
+        if not isinstance(cell["value"], (int, float)) or not math.isfinite(cell["value"]):
+            raise CheckInputError(f"baseline {path} cell {index} ({describe_key(cell_key(cell))}) "
+                                  f"has a non-numeric value {cell['value']!r}")
+        if cell_key(cell) in by_key:
+            raise CheckInputError(f"baseline {path} holds the cell {describe_key(cell_key(cell))} twice")
+        by_key[cell_key(cell)] = cell
+    return by_key
+
+
+def _suite_name(manifest: dict) -> str | None:
+    suite = manifest.get("suite")
+    if isinstance(suite, dict):
+        return suite.get("name")
+    return suite if isinstance(suite, str) else None
+
+
+def baseline_from_run(rows: list[dict], manifest: dict) -> dict:
+    """The baseline document of a clean run: every compared metric of every ok cell, sorted by key."""
+    by_key = rows_by_key(rows)
+    failed = [key for key, row in by_key.items() if row.get("status") == "failed"]
+    if failed:
+        raise CheckInputError(f"the run has {len(failed)} failed cell(s), e.g. {describe_key(failed[0])}: "
+                              f"a baseline must come from a clean run")
+    kept = {key: row for key, row in by_key.items()
+            if row.get("status") == "ok" and policy_of(row["metric"]) is not None}
+    if not kept:
+        raise CheckInputError("the run has no ok bound, KL or throughput cells to put in a baseline")
+    cells = [{**{name: row[name] for name in KEY_FIELDS}, **{name: row.get(name) for name in CELL_FIELDS}}
+             for key, row in sorted(kept.items(), key=lambda item: sort_key(item[0]))]
+    provenance = {
+        "run_id": manifest.get("run_id"),
+        "git_commit": manifest.get("git_commit"),
+        "versions": manifest.get("versions"),
+        "device": manifest.get("device"),
+        "device_name": manifest.get("device_name"),
+        "threads": manifest.get("threads"),
+        "suite": _suite_name(manifest),
+        "command": manifest.get("command"),
+        "started": manifest.get("started"),
+        "finished": manifest.get("finished"),
+    }
+    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, "provenance": provenance,
+            "cells": cells}
+
+
+def write_baseline(run_dir: Path, path: Path) -> int:
+    """Write the baseline of RUN_DIR to ``path`` (stable key order and indentation, so diffs read well)."""
+    document = baseline_from_run(read_run_rows(run_dir), _run_manifest(run_dir))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, document, indent=1)
+    return len(document["cells"])

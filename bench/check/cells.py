@@ -1,0 +1,30 @@
+"""The identity of a cell in a check: which row of a run matches which cell of a baseline."""
+from __future__ import annotations
+
+
+class CheckInputError(ValueError):
+    """Bad input to the check (a missing or malformed file); reported as one line, exit status 2."""
+
+
+# Cells match on these fields (a model is identified by its config_hash, so a changed config is a new cell).
+KEY_FIELDS = ("dataset", "split", "model", "config_hash", "estimator", "k", "seed", "metric")
+
+CellKey = tuple  # values of KEY_FIELDS, in that order
+
+
+def cell_key(row: dict) -> CellKey:
+    return tuple(row.get(name) for name in KEY_FIELDS)
+
+
+def describe_key(key: CellKey) -> str:
+    """A compact, readable name of a cell: dataset/split model[hash] estimator k=.. seed=.. metric."""
+    cell = dict(zip(KEY_FIELDS, key, strict=True))
+    k = "-" if cell["k"] is None else cell["k"]
+    config = str(cell["config_hash"])[:8]
+    return (f"{cell['dataset']}/{cell['split']} {cell['model']}[{config}] {cell['estimator']} "
+            f"k={k} seed={cell['seed']} {cell['metric']}")
+
+
+def sort_key(key: CellKey) -> tuple:
+    """None-safe ordering (k is null for exact log p(x)), so baselines and tables are deterministic."""
+    return tuple((value is None, type(value).__name__, "" if value is None else value) for value in key)

@@ -1,0 +1,75 @@
+"""`python -m bench check RUN_DIR --baseline FILE` (or `--write-baseline FILE`): exit 0 pass, 1 regression, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .baseline import read_baseline, read_run_rows, write_baseline
+from .cells import CheckInputError
+from .compare import CheckResult, compare
+from .render import render
+from .rules import DEFAULT_FLOOR_NATS, DEFAULT_Z, Settings
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1], got {text} (e.g. 0.5: fail below half)")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m bench check`."""
+    parser.add_argument("run_dir", type=Path, help="a run directory (holding results.jsonl and manifest.json)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--baseline", type=Path, metavar="FILE", help="compare the run with this baseline")
+    target.add_argument("--write-baseline", type=Path, metavar="FILE", help="write a baseline from the run")
+    parser.add_argument("--z", type=_non_negative, default=DEFAULT_Z,
+                        help=f"z-score of the tolerance on the combined standard error (default {DEFAULT_Z:g})")
+    parser.add_argument("--floor", type=_non_negative, default=DEFAULT_FLOOR_NATS, metavar="NATS",
+                        help=f"absolute tolerance added to it, nats per example (default {DEFAULT_FLOOR_NATS:g})")
+    parser.add_argument("--throughput-ratio", type=_ratio, default=None, metavar="R",
+                        help="fail when throughput falls below R x the baseline (default: off, never fail on time)")
+    parser.add_argument("--fail-on-missing", action="store_true",
+                        help="fail when a cell is present on one side only (default: report it)")
+
+
+def run_check(run_dir: Path, baseline_path: Path, settings: Settings) -> tuple[CheckResult, str]:
+    baseline = read_baseline(baseline_path)
+    result = compare(baseline, read_run_rows(run_dir), settings)
+    return result, render(result, run_dir, baseline_path)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exit status: 0 pass, 1 regression, 2 bad input."""
+    try:
+        if args.write_baseline is not None:
+            count = write_baseline(args.run_dir, args.write_baseline)
+            print(f"wrote {count} cells to {args.write_baseline}")
+            return EXIT_OK
+        settings = Settings(z=args.z, floor=args.floor, throughput_ratio=args.throughput_ratio,
+                            fail_on_missing=args.fail_on_missing)
+        result, text = run_check(args.run_dir, args.baseline, settings)
+    except CheckInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(text)
+    return EXIT_REGRESSION if result.failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench check",
+                                     description="Compare a run's bounds with a baseline (bound-tightness check).")
+    add_arguments(parser)
+    return parser
