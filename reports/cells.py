@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from reports.load import ok_rows
+from reports.schema import STRUCTURE_FIELDS
 
 BOUND_ESTIMATORS = ("elbo", "iwae")
 MODEL_KEYS = ["dataset", "split", "model", "config_hash"]
@@ -41,7 +42,7 @@ def _bound_column(rows: pd.DataFrame) -> pd.Series:
 
 
 def _diffusion_elbo_column(rows: pd.DataFrame) -> pd.Series:
-    continuous = rows["model_config"].map(lambda c: isinstance(c, dict) and c.get("time") == "continuous")
+    continuous = rows["continuous_time"].eq(True)  # as the model declares it (None: unknown, not continuous)
     return pd.Series(np.where(continuous, CONTINUOUS_ELBO, LOSS_ELBO), index=rows.index)
 
 
@@ -128,6 +129,7 @@ def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
             estimator=("estimator", "first"), device=("device", "first"),
             config_key=("config_key", "first"), model_config=("model_config", "first"),
             suite_label=("suite_label", "first"),
+            **{name: (name, "first") for name in STRUCTURE_FIELDS},
         )
         .reset_index()
     )

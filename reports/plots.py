@@ -3,11 +3,11 @@
 Needs the [plot] extra; imported lazily so that tables work without it. Every plot is in nats
 per example (bounds, gap, KL) or samples per second, with the unit on its axis.
 
-"As one step becomes many": every model config gets a place on one axis, read from its
-config alone (reports import no model code): a diffusion model's T (``steps`` in discrete
-time, ``log_weights_steps`` for a continuous-time model evaluated over T-step trajectories),
-a hierarchy's L (``n_layers``, else its number of KL layers). Configs of one model that differ
-only in that place form a *series* (one line), ordered VAE -> HVAE -> diffusion.
+"As one step becomes many": every model config gets a place on one axis, read from the structure
+the model declared in its rows (reports import no model code): a diffusion model's T (its steps
+in discrete time; for a continuous-time model, the T of the trajectories it was evaluated over),
+any other model's L (its latent layers). Configs of one model that differ only in that place form
+a *series* (one line), ordered VAE -> HVAE -> diffusion.
 """
 from __future__ import annotations
 
@@ -70,9 +70,6 @@ def _unique_handles(fig) -> tuple[list, list]:
     return list(seen.values()), list(seen.keys())
 
 
-STEPS_KEY, LOG_WEIGHTS_STEPS_KEY, TIME_KEY, CONTINUOUS, LAYERS_KEY = (
-    "steps", "log_weights_steps", "time", "continuous", "n_layers")
-AXIS_KEYS = (STEPS_KEY, LOG_WEIGHTS_STEPS_KEY, LAYERS_KEY)
 # Families in the order the gap plot lists them: one stochastic layer -> a hierarchy of L -> a diffusion of T steps.
 ONE_LAYER, HIERARCHY, DIFFUSION = 0, 1, 2
 AXIS_NAME = {ONE_LAYER: "L", HIERARCHY: "L", DIFFUSION: "T"}
@@ -82,45 +79,64 @@ CONTINUOUS_STYLE = {"linestyle": "-.", "linewidth": 1.3}
 SYMLOG_NATS = {"linthresh": 1.0, "linscale": 0.5}
 SYMLOG_MIN_DECADES = 1.5  # a narrower range reads better on a linear axis (a symlog one would show one tick)
 ZOOM_DECADES = 0.7  # the zoomed panel under a symlog one: from the top down this many decades (-1.7 -> ~-9)
+CONFIG_KEYS = ["dataset", "model", "config_hash"]
 
 
-def _is_continuous(config: dict) -> bool:
-    return config.get(TIME_KEY) == CONTINUOUS
+def is_diffusion(rows: pd.DataFrame) -> pd.Series:
+    """Rows of a diffusion model, as the model declares it: diffusion steps T, or continuous time."""
+    return rows["diffusion_steps"].notna() | rows["continuous_time"].eq(True)
 
 
-def _has_steps(config: dict) -> bool:
-    """A diffusion-like model: its config sets steps, continuous time or the trajectory steps."""
-    return STEPS_KEY in config or TIME_KEY in config or LOG_WEIGHTS_STEPS_KEY in config
+def _axis_value(config: pd.Series, kl_layers: int) -> float:
+    """T of a diffusion (its steps; in continuous time the T of the trajectories evaluated), L of any
+    other model (its latent layers; the KL layers measured where the rows do not say); NaN if unknown."""
+    if config["diffusion"]:
+        steps = config["diffusion_steps"]
+        if pd.isna(steps):
+            steps = config["latent_layers"] - 1 if pd.notna(config["latent_layers"]) else np.nan
+        return float(steps)
+    if pd.notna(config["latent_layers"]):
+        return float(config["latent_layers"])
+    return float(kl_layers) if kl_layers else np.nan
 
 
-def _axis_value(config: dict, kl_layers: int) -> float | None:
-    """T of a diffusion config, L of a hierarchy (n_layers, else the KL layers measured); None if unknown."""
-    if _has_steps(config):
-        value = config.get(LOG_WEIGHTS_STEPS_KEY) if _is_continuous(config) else config.get(STEPS_KEY)
-        return None if value is None else float(value)
-    if LAYERS_KEY in config:
-        return float(config[LAYERS_KEY])
-    return float(kl_layers) if kl_layers else None
-
-
-def _series_key(config: dict, family: int) -> str:
-    """What stays fixed along a series: the config less its place on the axis (and a hierarchy's per-layer lists)."""
-    rest = {key: value for key, value in config.items()
-            if key not in AXIS_KEYS and not (family == HIERARCHY and isinstance(value, list))}
-    return json.dumps(rest, sort_keys=True, default=str)
+def _axis_keys(group: pd.DataFrame) -> set[str]:
+    """Config keys that follow the place on the axis within one kind of model: they vary across its
+    configs, and configs at the same x agree on them (``steps`` of a VDM, ``n_layers`` and the
+    per-layer sizes of a hierarchy). Configs that differ only in these form one series."""
+    xs = ["nan" if np.isnan(x) else x for x in group["x"]]
+    if len(set(xs)) < 2:
+        return set()
+    configs = list(group["model_config"])
+    axis = set()
+    for key in {key for config in configs for key in config}:
+        values = [repr(config.get(key)) for config in configs]
+        at_x: dict = {}
+        if len(set(values)) > 1 and all(at_x.setdefault(x, v) == v for x, v in zip(xs, values, strict=True)):
+            axis.add(key)
+    return axis
 
 
 def placed(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary with each config's family, axis value x (T or L, NaN if unknown) and series name."""
-    configs = summary.drop_duplicates(["dataset", "model", "config_hash"])[["dataset", "model", "config_hash",
-                                                                               "model_config"]].copy()
-    kl = summary[summary["kind"] == "kl"].groupby(["dataset", "model", "config_hash"])["layer"].nunique()
-    n_kl = [int(kl.get(key, 0)) for key in zip(configs["dataset"], configs["model"], configs["config_hash"])]
-    configs["x"] = [_axis_value(c, n) for c, n in zip(configs["model_config"], n_kl)]
-    configs["family"] = [DIFFUSION if _has_steps(c) else (ONE_LAYER if x in (None, 1.0) and LAYERS_KEY not in c
-                                                          else HIERARCHY)
-                         for c, x in zip(configs["model_config"], configs["x"])]
-    configs["series_key"] = [_series_key(c, f) for c, f in zip(configs["model_config"], configs["family"])]
+    """The summary with each config's family (ONE_LAYER, HIERARCHY or DIFFUSION), axis value x (T or L,
+    NaN if unknown) and series name. A family counts as a hierarchy when one of its configs has L > 1."""
+    configs = summary.drop_duplicates(CONFIG_KEYS)[[*CONFIG_KEYS, "model_config", "family", "latent_layers",
+                                                     "diffusion_steps", "continuous_time"]].copy()
+    configs = configs.rename(columns={"family": "declared_family"})
+    configs["diffusion"] = is_diffusion(configs)
+    kl = summary[summary["kind"] == "kl"].groupby(CONFIG_KEYS)["layer"].nunique()
+    configs["x"] = [_axis_value(config, int(kl.get(tuple(config[CONFIG_KEYS]), 0))) for _, config in configs.iterrows()]
+    # A kind of model: its declared family (the model name where rows do not say), and continuous time or not.
+    kinds = [configs["dataset"], configs["declared_family"].fillna(configs["model"]), configs["continuous_time"].eq(True)]
+    deep = configs.groupby(kinds)["x"].transform("max") > 1
+    configs["family"] = np.where(configs["diffusion"], DIFFUSION, np.where(deep, HIERARCHY, ONE_LAYER))
+    series_keys = pd.Series("", index=configs.index)
+    for _, group in configs.groupby([*kinds, configs["model"]], sort=False):
+        axis = _axis_keys(group)
+        for index, config in zip(group.index, group["model_config"], strict=True):
+            series_keys[index] = json.dumps({k: v for k, v in config.items() if k not in axis}, sort_keys=True,
+                                            default=str)
+    configs["series_key"] = series_keys
     names = []
     for _, row in configs.iterrows():
         mine = configs[(configs["dataset"] == row["dataset"]) & (configs["model"] == row["model"])]
@@ -131,8 +147,9 @@ def placed(summary: pd.DataFrame) -> pd.DataFrame:
         names.append(f"{row['model']} ({extra})" if extra else row["model"])
     configs["series"] = names
     configs["x"] = configs["x"].astype(float)
-    return summary.merge(configs.drop(columns=["model_config", "series_key"]),
-                         on=["dataset", "model", "config_hash"], how="left")
+    # "family" becomes the place in the gap plot's order (ONE_LAYER, HIERARCHY, DIFFUSION).
+    return summary.drop(columns="family").merge(configs[[*CONFIG_KEYS, "x", "family", "series"]], on=CONFIG_KEYS,
+                                                how="left")
 
 
 def _point_name(series: str, family: int, x: float) -> str:
@@ -164,7 +181,7 @@ def _best_log_marginal(cells: pd.DataFrame) -> tuple[float, str] | None:
 
 def bound_vs_k(summary: pd.DataFrame, plt, sns):
     """IWAE_K against K (log axis) per model, the ELBO at K = 1, log p(x) as a dashed line."""
-    summary = summary[~summary["model_config"].map(_has_steps)]  # diffusion models: see bound_vs_steps
+    summary = summary[~is_diffusion(summary)]  # diffusion models: see bound_vs_steps
     bounds = summary[summary["kind"] == "bound"]
     if bounds.empty:
         return None

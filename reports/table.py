@@ -1,5 +1,5 @@
 """The comparison table: model configs as rows, bounds and diagnostics as columns, one table
-per (dataset, split) and unit (nats per example; bits/dim too for image datasets)."""
+per (dataset, split) and unit (nats per example; bits/dim too for discrete data)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from reports.cells import CONTINUOUS_ELBO, bound_order, natural_sorted, sort_models, summarize
-from reports.units import BITS_PER_DIM, BITS_SIGN, NATS, NLL_NATS, image_dims, nats_to_bits_per_dim
+from reports.units import BITS_PER_DIM, BITS_SIGN, NATS, NLL_NATS, bits_per_dim_dims, nats_to_bits_per_dim
 
 # Above this many KL layers (a VDM's z_1..z_T) the table shows their sum; the plot shows the profile.
 MAX_KL_COLUMNS = 6
@@ -183,7 +183,7 @@ def mark_best(table: ComparisonTable) -> ComparisonTable:
 
 
 def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
-    """Every comparison table of a results frame: per (dataset, split) in nats, and in bits/dim for images."""
+    """Every comparison table of a results frame: per (dataset, split) in nats, and in bits/dim for discrete data."""
     summary = summarize(df)
     tables = []
     if summary.empty:
@@ -191,7 +191,7 @@ def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
     for (dataset, split), s in summary.groupby(["dataset", "split"], sort=True):
         nats = _nats_table(s, dataset, split)
         tables.append(mark_best(nats))
-        dims = image_dims(dataset)
+        dims = bits_per_dim_dims(s)
         if dims is not None:
             tables.append(mark_best(to_bits_per_dim(nats, dims)))
     return tables

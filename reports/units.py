@@ -1,22 +1,20 @@
-"""Unit conversions done only here: nats per example -> bits per dimension for image data.
+"""Unit conversions done only here: nats per example -> bits per dimension, for discrete data.
 
-The results rows do not carry the image shape, so the number of dimensions of each image
-dataset is kept in IMAGE_DIMS below. A dataset not in this table is reported in nats only.
-To add one, add its registered name and its pixel count (height * width * channels).
+The number of dimensions D comes from the rows themselves (the model's declared ``data_dim``).
+Bits/dim is a code length, so it is given for discrete (Bernoulli-likelihood) data only: for a
+density over continuous data it would depend on the units of x. Rows that do not carry their
+structure (runs written before rows did) are reported in nats only.
 """
 from __future__ import annotations
 
 import math
 
-# dataset name -> number of dimensions D of one example (pixels), for bits/dim
-IMAGE_DIMS: dict[str, int] = {
-    "digits": 8 * 8,            # scikit-learn's 8x8 digits, binarized
-    "binarized-mnist": 28 * 28,  # the fixed binarization of MNIST
-}
+import pandas as pd
 
 NATS = "nats"
 BITS_PER_DIM = "bits/dim"
 NLL_NATS = "NLL nats"  # negative log-likelihood per example, beside published numbers
+DISCRETE_LIKELIHOODS = ("bernoulli",)
 
 # How a kind of quantity converts to bits/dim: log-likelihoods (bounds, log p(x)) turn into a
 # negative log-likelihood (-value / (D ln 2), lower is better); non-negative quantities in nats
@@ -24,9 +22,13 @@ NLL_NATS = "NLL nats"  # negative log-likelihood per example, beside published n
 BITS_SIGN: dict[str, float] = {"bound": -1.0, "log_marginal": -1.0, "gap": 1.0, "kl": 1.0, "kl_total": 1.0}
 
 
-def image_dims(dataset: str) -> int | None:
-    """The number of dimensions of an image dataset, or None when it is not an image dataset."""
-    return IMAGE_DIMS.get(dataset)
+def bits_per_dim_dims(cells: pd.DataFrame) -> int | None:
+    """D of one dataset's cells when every one declares the same D of discrete data; else None (nats only)."""
+    declared = cells[["data_dim", "likelihood"]].drop_duplicates()
+    if len(declared) != 1 or pd.isna(declared["data_dim"].iloc[0]):
+        return None
+    data_dim, likelihood = declared.iloc[0]
+    return int(data_dim) if likelihood in DISCRETE_LIKELIHOODS else None
 
 
 def nats_to_bits_per_dim(value: float, stderr: float, dims: int, sign: float) -> tuple[float, float]:

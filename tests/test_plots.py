@@ -34,13 +34,24 @@ VAE = -3.6
 DIGITS_LOGP = {"hvae-L2": -20.0, "vae": -20.5}  # IWAE-5000 estimates: no exact log p(x) on digits
 
 
+DATA = {"mixture-2d": (2, "gaussian"), "digits": (64, "bernoulli")}  # data_dim and likelihood of each dataset
+
+
+def _structure(dataset: str, family: str, latent_layers: int, *, continuous_time: bool = False) -> dict:
+    """What each model declares (vaes.base.ModelStructure); a continuous-time VDM over T steps has T + 1 layers."""
+    data_dim, likelihood = DATA[dataset]
+    return {"family": family, "latent_layers": latent_layers, "data_dim": data_dim, "likelihood": likelihood,
+            "diffusion_steps": None, "continuous_time": continuous_time}
+
+
 def _row(dataset: str, model: str, label: str, config: dict, estimator: str, k, metric: str, value: float, *,
-         stderr: float = 0.01, method: str | None = None) -> dict:
+         structure: dict, stderr: float = 0.01, method: str | None = None) -> dict:
     values = dict.fromkeys(ROW_COLUMNS)
     values.update(run_id="plots", cell_id=f"{dataset}/{label}/{estimator}/{k}", dataset=dataset, split="test",
                   model=model, label=label, config_hash=f"{model}-{json.dumps(config, sort_keys=True)}",
-                  model_config=config, seed=0, estimator=estimator, k=k, metric=metric, method=method, value=value,
-                  stderr=stderr, unit="nats", n_examples=100, device="cpu", wall_s=0.1, status="ok")
+                  model_config=config, structure=structure, seed=0, estimator=estimator, k=k, metric=metric,
+                  method=method, value=value, stderr=stderr, unit="nats", n_examples=100, device="cpu", wall_s=0.1,
+                  status="ok", schema_version=2)
     return values
 
 
@@ -49,31 +60,36 @@ def _rows() -> list[dict]:
     for t, value in VDM.items():
         config = {"time": "continuous", "hidden": [64], "log_weights_steps": t}
         label = f"vdm (log_weights_steps={t})"
-        rows += [_row("mixture-2d", "vdm", label, config, "elbo", 8, "elbo", value),
-                 _row("mixture-2d", "vdm", label, config, "iwae", 50, "iwae", VDM_IWAE[t]),
-                 _row("mixture-2d", "vdm", label, config, "diffusion_elbo", 64, "diffusion_elbo", L_INF)]
+        vdm = {"structure": _structure("mixture-2d", "vdm", t + 1, continuous_time=True)}
+        rows += [_row("mixture-2d", "vdm", label, config, "elbo", 8, "elbo", value, **vdm),
+                 _row("mixture-2d", "vdm", label, config, "iwae", 50, "iwae", VDM_IWAE[t], **vdm),
+                 _row("mixture-2d", "vdm", label, config, "diffusion_elbo", 64, "diffusion_elbo", L_INF, **vdm)]
         # step KL of layer z_i (i < T), the step t = (i + 1)/T -> i/T, is (i + 1) / T^2; z_T is the prior term
-        rows += [_row("mixture-2d", "vdm", label, config, "kl_terms", 16, f"kl/z{i}", (i + 1) / t**2)
+        rows += [_row("mixture-2d", "vdm", label, config, "kl_terms", 16, f"kl/z{i}", (i + 1) / t**2, **vdm)
                  for i in range(t)]
-        rows.append(_row("mixture-2d", "vdm", label, config, "kl_terms", 16, f"kl/z{t}", 0.5))
+        rows.append(_row("mixture-2d", "vdm", label, config, "kl_terms", 16, f"kl/z{t}", 0.5, **vdm))
     oracle = {"mixture": "ring-2d", "time": "continuous", "log_weights_steps": 4}
-    rows += [_row("mixture-2d", "vdm-oracle", "vdm-oracle (log_weights_steps=4)", oracle, "elbo", 8, "elbo", -2.0),
+    declared = {"structure": _structure("mixture-2d", "mixture-oracle", 5, continuous_time=True)}
+    rows += [_row("mixture-2d", "vdm-oracle", "vdm-oracle (log_weights_steps=4)", oracle, "elbo", 8, "elbo", -2.0,
+                  **declared),
              _row("mixture-2d", "vdm-oracle", "vdm-oracle (log_weights_steps=4)", oracle, "log_marginal", None,
-                  "log_marginal", LOG_P, stderr=0.0, method="exact")]
+                  "log_marginal", LOG_P, stderr=0.0, method="exact", **declared)]
     for dataset in ("mixture-2d", "digits"):
         offset = 0.0 if dataset == "mixture-2d" else -16.0
+        vae = {"structure": _structure(dataset, "mlp-vae", 1)}
         for layers, value in HVAE.items():
             config = {"n_layers": layers, "latent_dims": [8] * layers}
             label = f"hvae-L{layers}"
-            rows.append(_row(dataset, "hvae", label, config, "elbo", 8, "elbo", value + offset))
-            rows += [_row(dataset, "hvae", label, config, "kl_terms", 16, f"kl/z{l}", 1.0 / l)
+            hvae = {"structure": _structure(dataset, "hvae", layers)}
+            rows.append(_row(dataset, "hvae", label, config, "elbo", 8, "elbo", value + offset, **hvae))
+            rows += [_row(dataset, "hvae", label, config, "kl_terms", 16, f"kl/z{l}", 1.0 / l, **hvae)
                      for l in range(1, layers + 1)]
-        rows += [_row(dataset, "vae", "vae", {"latent_dim": 8}, "elbo", 8, "elbo", VAE + offset),
-                 _row(dataset, "vae", "vae", {"latent_dim": 8}, "kl_terms", 16, "kl/z", 2.0)]
+        rows += [_row(dataset, "vae", "vae", {"latent_dim": 8}, "elbo", 8, "elbo", VAE + offset, **vae),
+                 _row(dataset, "vae", "vae", {"latent_dim": 8}, "kl_terms", 16, "kl/z", 2.0, **vae)]
     rows += [_row("digits", "hvae", "hvae-L2", {"n_layers": 2, "latent_dims": [8, 8]}, "log_marginal", 5000,
-                  "log_marginal", DIGITS_LOGP["hvae-L2"], method="iwae"),
+                  "log_marginal", DIGITS_LOGP["hvae-L2"], method="iwae", structure=_structure("digits", "hvae", 2)),
              _row("digits", "vae", "vae", {"latent_dim": 8}, "log_marginal", 5000, "log_marginal",
-                  DIGITS_LOGP["vae"], method="iwae")]
+                  DIGITS_LOGP["vae"], method="iwae", structure=_structure("digits", "mlp-vae", 1))]
     return rows
 
 
@@ -100,7 +116,7 @@ def test_every_config_gets_its_family_place_and_series(summary):
     assert [configs.loc[("mixture-2d", f"vdm (log_weights_steps={t})"), "x"] for t in VDM] == list(VDM)
     assert configs.loc[("mixture-2d", "vdm (log_weights_steps=4)"), "family"] == DIFFUSION
     assert configs.loc[("mixture-2d", "hvae-L2"), ["family", "x", "series"]].tolist() == [HIERARCHY, 2.0, "hvae"]
-    # n_layers = 1 is a hierarchy of one layer; a config without n_layers counts its KL layers
+    # one layer of a family that has deeper configs is a hierarchy of one layer; a vae has one layer
     assert configs.loc[("mixture-2d", "hvae-L1"), ["family", "x"]].tolist() == [HIERARCHY, 1.0]
     assert configs.loc[("digits", "vae"), ["family", "x", "series"]].tolist() == [ONE_LAYER, 1.0, "vae"]
     assert set(configs.loc["mixture-2d", "series"]) == {"vdm", "vdm-oracle", "hvae", "vae"}

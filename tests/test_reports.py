@@ -32,15 +32,30 @@ MANIFEST = {
 }
 
 
+DATA = {"digits": (DIGITS_DIMS, "bernoulli"), "mixture-2d": (2, "gaussian")}  # data_dim, likelihood
+
+
+def _structure(dataset: str, model: str, config: dict) -> dict:
+    """What the model declares in its rows (vaes.base.ModelStructure)."""
+    data_dim, likelihood = DATA[dataset]
+    if model == "vdm":
+        continuous, steps = config.get("time") == "continuous", config.get("steps", 8)
+        return {"family": "vdm", "latent_layers": steps + 1, "data_dim": data_dim, "likelihood": likelihood,
+                "diffusion_steps": None if continuous else steps, "continuous_time": continuous}
+    return {"family": "mlp-vae", "latent_layers": 1, "data_dim": data_dim, "likelihood": likelihood,
+            "diffusion_steps": None, "continuous_time": False}
+
+
 def _row(dataset, model, config, seed, estimator, k, metric, value, stderr, *, unit="nats", method=None,
          device="cpu", status="ok", error=None) -> dict:
     config_hash = f"h-{model}-" + "-".join(f"{key}{val}" for key, val in sorted(config.items()))
     return {
         "run_id": "run-test", "cell_id": f"{dataset}/{config_hash}/{seed}/{estimator}/{k}/{device}",
-        "dataset": dataset, "split": "test", "model": model, "config_hash": config_hash, "model_config": config,
-        "seed": seed, "estimator": estimator, "k": k, "metric": metric, "method": method, "value": value,
-        "stderr": stderr, "mc_stderr": None, "unit": unit, "n_examples": 100, "device": device, "wall_s": 0.01,
-        "status": status, "error": error,
+        "dataset": dataset, "split": "test", "model": model, "label": model, "config_hash": config_hash,
+        "model_config": config, "structure": _structure(dataset, model, config), "seed": seed,
+        "estimator": estimator, "k": k, "metric": metric, "method": method, "value": value, "stderr": stderr,
+        "mc_stderr": None, "unit": unit, "n_examples": 100, "device": device, "wall_s": 0.01, "timing_s": None,
+        "status": status, "error": error, "schema_version": 2,
     }
 
 
@@ -143,6 +158,18 @@ def test_failed_rows_keep_a_failed_metric_of_an_ok_cell_but_not_a_retried_one(tm
     assert reports.failed_rows(df)["error"].tolist() == ["timing failed"]
 
 
+def test_rows_written_before_the_structure_existed_still_load_in_nats(tmp_path):
+    old = [{k: v for k, v in row.items() if k not in ("label", "structure", "timing_s", "schema_version")}
+           for row in digits_rows()]
+    df = load_results([write_run(tmp_path / "old", old)])
+    assert (df["schema_version"] == 1).all() and df["data_dim"].isna().all() and df["family"].isna().all()
+    # the same numbers as a current run, but no bits/dim: the rows do not say how many dimensions the data has
+    assert {(t.dataset, t.unit) for t in build_tables(df)} == {("digits", "nats")}
+    old_elbo = _table(tmp_path / "old", "digits", "nats").cell("vae", "ELBO")
+    new_elbo = _table(write_run(tmp_path / "new", digits_rows()), "digits", "nats").cell("vae", "ELBO")
+    assert (old_elbo["value"], old_elbo["stderr"]) == (new_elbo["value"], new_elbo["stderr"])
+
+
 def test_corrupt_middle_line_is_an_error(tmp_path):
     run = write_run(tmp_path / "run", digits_rows()[:3])
     lines = (run / "results.jsonl").read_text().splitlines()
@@ -213,7 +240,7 @@ def test_bits_per_dim_conversion_by_hand(run_dir):
     marked = bits.cells[bits.cells["best"] & (bits.cells["kind"] == "bound")]
     assert set(marked["row"]) == {"iwae"}
     assert bits.cells[bits.cells["best"] & (bits.cells["column"] == "log p(x)")]["row"].tolist() == ["vae"]
-    # only image datasets get a bits/dim table
+    # only discrete data (a Bernoulli likelihood, as the rows declare) gets a bits/dim table
     units = {(t.dataset, t.unit) for t in build_tables(load_results([run_dir]))}
     assert units == {("digits", "nats"), ("digits", "bits/dim"), ("mixture-2d", "nats")}
 
