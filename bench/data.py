@@ -144,7 +144,8 @@ def _split_rows(data: np.ndarray, sizes: tuple[int, int, int], rng: np.random.Ge
 DIGITS_SIZES = (1297, 250, 250)  # of scikit-learn's 1797 images
 
 
-@register_dataset("digits", description="scikit-learn 8x8 digits, binarized at 0.5 (1297/250/250, split by seed); embedded")
+@register_dataset("digits",
+                  description="scikit-learn 8x8 digits, binarized at 0.5 (1297/250/250, split by seed); embedded")
 def _load_digits(seed: int, data_dir: Path | None) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -211,9 +212,11 @@ def _mixture_loader(name: str, preset: str) -> Loader:
     return load
 
 
-register_dataset("mixture-2d", description="synthetic 8-component ring of Gaussians in 2-D (2000/500/500); exact log p(x)")(
+register_dataset("mixture-2d",
+                 description="synthetic 8-component ring of Gaussians in 2-D (2000/500/500); exact log p(x)")(
     _mixture_loader("mixture-2d", "ring-2d"))
-register_dataset("mixture-16d", description="synthetic 5-component Gaussian mixture in 16-D (2000/500/500); exact log p(x)")(
+register_dataset("mixture-16d",
+                 description="synthetic 5-component Gaussian mixture in 16-D (2000/500/500); exact log p(x)")(
     _mixture_loader("mixture-16d", "random-16d"))
 
 
@@ -299,7 +302,8 @@ def _read_mnist(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as packed:
         missing = [s for s in SPLITS if s not in packed.files]
         if missing:
-            raise DataIntegrityError(f"{path} lacks the split(s) {', '.join(missing)}; expected keys {', '.join(SPLITS)}")
+            raise DataIntegrityError(f"{path} lacks the split(s) {', '.join(missing)}; "
+                                     f"expected keys {', '.join(SPLITS)}")
         arrays = {s: np.unpackbits(packed[s], axis=1)[:, :MNIST_PIXELS] for s in SPLITS}
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
@@ -310,7 +314,8 @@ def _read_mnist(path: Path) -> dict[str, np.ndarray]:
 
 
 @register_dataset("binarized-mnist",
-                  description="MNIST, the fixed binarization (50000/10000/10000, 28x28); from $ELBO_BENCH_DATA or downloaded once")
+                  description="MNIST, the fixed binarization (50000/10000/10000, 28x28); from $ELBO_BENCH_DATA or "
+                              "downloaded once")
 def _load_binarized_mnist(seed: int, data_dir: Path | None) -> Dataset:
     candidates = mnist_candidates(data_dir)
     path = next((p for p in candidates if p.is_file()), None)

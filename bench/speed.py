@@ -139,15 +139,18 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {}
     for k in args.ks:
         big = k > 500
-        timings = compare(k, args.big_k_examples if big else args.n_examples, repeats=args.big_k_repeats if big else args.repeats, warmup=0 if big else 1)
+        timings = compare(k, args.big_k_examples if big else args.n_examples,
+                          repeats=args.big_k_repeats if big else args.repeats, warmup=0 if big else 1)
         loop, ceiling = timings["loop"].samples_per_s, timings["ceiling"].samples_per_s
         for name, t in timings.items():
             print(f"{k:>6} {t.n_examples:>6} {name:>8} {t.samples_per_s:>12,.0f} {t.median_s:>9.3f} {t.iqr_s:>7.3f}"
-                  f" {t.peak_memory_bytes / 2**20:>8.1f}  {t.samples_per_s / loop:>6.2f}x {t.samples_per_s / ceiling:>9.0%}")
+                  f" {t.peak_memory_bytes / 2**20:>8.1f}  {t.samples_per_s / loop:>6.2f}x"
+                  f" {t.samples_per_s / ceiling:>9.0%}")
         peaks[k] = timings["iwae"].peak_memory_bytes
     if len(peaks) > 1:
         low, high = min(peaks), max(peaks)
-        print(f"iwae peak memory K={high} / K={low}: {peaks[high] / peaks[low]:.2f}  ({timings['iwae'].memory_measure})")
+        print(f"iwae peak memory K={high} / K={low}: {peaks[high] / peaks[low]:.2f}"
+              f"  ({timings['iwae'].memory_measure})")
     if args.test_set:
         try:
             seconds, done, total = test_set_seconds(args.data_dir, k=5000, batch=1000, batches=args.test_batches)

@@ -60,7 +60,7 @@ def _markdown_failed(failed: pd.DataFrame) -> list[str]:
     lines = ["## Failed cells", "", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(v.replace("|", "\\|").replace("\n", " ") for v in row) + " |"
               for row in table.itertuples(index=False)]
-    return lines + [""]
+    return [*lines, ""]
 
 
 # ---- LaTeX

@@ -39,7 +39,8 @@ def plotting():
         plt = importlib.import_module("matplotlib.pyplot")
         sns = importlib.import_module("seaborn")
     except ImportError as exc:
-        raise ReportError(f"png output needs seaborn and matplotlib ({exc}); install them with {PLOT_EXTRA_HINT}") from None
+        raise ReportError(f"png output needs seaborn and matplotlib ({exc}); "
+                          f"install them with {PLOT_EXTRA_HINT}") from None
     sns.set_theme(style="whitegrid", context="notebook")
     return plt, sns
 
@@ -127,7 +128,8 @@ def placed(summary: pd.DataFrame) -> pd.DataFrame:
     kl = summary[summary["kind"] == "kl"].groupby(CONFIG_KEYS)["layer"].nunique()
     configs["x"] = [_axis_value(config, int(kl.get(tuple(config[CONFIG_KEYS]), 0))) for _, config in configs.iterrows()]
     # A kind of model: its declared family (the model name where rows do not say), and continuous time or not.
-    kinds = [configs["dataset"], configs["declared_family"].fillna(configs["model"]), configs["continuous_time"].eq(True)]
+    kinds = [configs["dataset"], configs["declared_family"].fillna(configs["model"]),
+             configs["continuous_time"].eq(True)]
     deep = configs.groupby(kinds)["x"].transform("max") > 1
     configs["family"] = np.where(configs["diffusion"], DIFFUSION, np.where(deep, HIERARCHY, ONE_LAYER))
     series_keys = pd.Series("", index=configs.index)
@@ -192,7 +194,8 @@ def bound_vs_k(summary: pd.DataFrame, plt, sns):
         mine = summary[summary["dataset"] == dataset]
         for label, color in colors.items():
             cells = mine[mine["label"] == label]
-            iwae = cells[(cells["kind"] == "bound") & (cells["estimator"] == "iwae")].assign(K=lambda c: c["k"].astype(float))
+            iwae = cells[(cells["kind"] == "bound") & (cells["estimator"] == "iwae")]
+            iwae = iwae.assign(K=lambda c: c["k"].astype(float))
             iwae = iwae.sort_values("K")
             if not iwae.empty:
                 ax.errorbar(iwae["K"], iwae["value"], yerr=iwae["stderr"].fillna(0), color=color, marker="o",
@@ -347,7 +350,7 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
     style_handles, style_labels = _style_legend(styles, has_continuous,
                                                 "log p(x)" if any(p[2] for p in panels) else None)
     blank = Line2D([], [], linestyle="none")
-    _legend_right(fig, series_handles + [blank] + style_handles, shown_series + [""] + style_labels,
+    _legend_right(fig, [*series_handles, blank, *style_handles], [*shown_series, "", *style_labels],
                   title="series (colour), bound (style)")
     fig.suptitle("Bound vs number of steps: a diffusion's T and a hierarchy's L on one axis")
     return fig
@@ -516,7 +519,8 @@ def throughput(summary: pd.DataFrame, plt, sns):
         for (estimator, device), line in cells.groupby(["estimator", "device"], sort=True):
             line = line.sort_values("K")
             ax.errorbar(line["K"], line["value"], yerr=line["stderr"].fillna(0), color=colors[estimator],
-                        linestyle=styles[device], marker=markers[estimator], ms=5, mfc="white", capsize=2, label=f"{estimator}, {device}")
+                        linestyle=styles[device], marker=markers[estimator], ms=5, mfc="white", capsize=2,
+                        label=f"{estimator}, {device}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{dataset}: {label}", fontsize="medium")

@@ -134,7 +134,8 @@ def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
     au, au_ids = _active_unit_cells(s)
     derived, throughput_ids = _gap_and_throughput(s, rows)
     seeds = s.groupby("label", sort=False)["n_seeds"].max().reset_index()
-    seeds = seeds.rename(columns={"label": "row", "n_seeds": "value"}).assign(column="seeds", kind="seeds", stderr=np.nan, note="")
+    seeds = seeds.rename(columns={"label": "row", "n_seeds": "value"})
+    seeds = seeds.assign(column="seeds", kind="seeds", stderr=np.nan, note="")
     cells = pd.concat([
         seeds,
         keep.rename(columns={"label": "row"}),
@@ -159,7 +160,8 @@ def to_bits_per_dim(table: ComparisonTable, dims: int) -> ComparisonTable:
     cells = table.cells.copy()
     for kind, sign in BITS_SIGN.items():
         mine = cells["kind"] == kind
-        converted = [nats_to_bits_per_dim(v, e, dims, sign) for v, e in zip(cells.loc[mine, "value"], cells.loc[mine, "stderr"])]
+        converted = [nats_to_bits_per_dim(v, e, dims, sign)
+                     for v, e in zip(cells.loc[mine, "value"], cells.loc[mine, "stderr"])]
         if converted:
             cells.loc[mine, ["value", "stderr"]] = np.array(converted, dtype=float)
     columns = [Column(c.id, c.kind, FLIPPED[c.better] if c.better and BITS_SIGN.get(c.kind, 1.0) < 0 else c.better)

@@ -74,7 +74,8 @@ def test_bad_command_lines(tmp_path, capsys, args, fragments):
     (('name = "iwae"', 'name = "nope"'), ["estimators[0].name is an unknown estimator 'nope'"]),
     (("k = [1, 3]", "k = [1, 0]"), ["estimators[0].k[1] must be an integer >= 1, got 0"]),
     (("k = [1, 3]", 'k = "a"'), ["estimators[0].k must be an integer, got 'a'"]),
-    (("latent_dim = 2", 'latent_dim = "a"'), ["suite tiny.toml: models[0].config.latent_dim must be an integer, got 'a'"]),
+    (("latent_dim = 2", 'latent_dim = "a"'),
+     ["suite tiny.toml: models[0].config.latent_dim must be an integer, got 'a'"]),
     (("steps = 5", "steps = 5.5"), ["train.steps must be an integer, got 5.5"]),
     (("[[models]]", "[[models]"), ["suite tiny.toml: malformed TOML"]),
     (('name = "vae"', 'name = "linear-gaussian"'), ["cannot run on dataset 'digits' (binary data)"]),
@@ -141,7 +142,8 @@ def nan_model():
 
 
 def test_a_nan_cell_fails_while_the_others_finish(tmp_path, capsys, nan_model):
-    text = TINY.replace("[[estimators]]", f'[[models]]\nname = "{nan_model}"\nconfig = {{ latent_dim = 2, hidden = [8] }}'
+    text = TINY.replace("[[estimators]]", f'[[models]]\nname = "{nan_model}"\n'
+                                          'config = { latent_dim = 2, hidden = [8] }'
                                           "\n\n[[estimators]]", 1)
     suite = _write_suite(tmp_path, text)
     code = _run(tmp_path, "--all", "--suite", suite)

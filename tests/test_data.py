@@ -44,7 +44,7 @@ def test_registry_lists_every_dataset_with_a_one_line_description():
 
 
 def test_unknown_dataset_and_split_name_the_choices():
-    with pytest.raises(UnknownDatasetError, match="unknown dataset 'mnist'.*digits"):
+    with pytest.raises(UnknownDatasetError, match=r"unknown dataset 'mnist'.*digits"):
         load_dataset("mnist")
     with pytest.raises(ValueError, match="unknown split 'validation'; choices: train, valid, test"):
         load_dataset("digits").split("validation")
@@ -57,7 +57,8 @@ def test_digits_shapes_binary_values_and_a_partition_of_all_images():
 
     ds = load_dataset("digits", seed=0)
     assert [tuple(ds.split(s).shape) for s in ("train", "valid", "test")] == [(1297, 64), (250, 64), (250, 64)]
-    assert ds.train.dtype == torch.float32 and (ds.kind, ds.likelihood, ds.image_shape) == ("binary", "bernoulli", (8, 8))
+    assert ds.train.dtype == torch.float32
+    assert (ds.kind, ds.likelihood, ds.image_shape) == ("binary", "bernoulli", (8, 8))
     assert ds.data_dim == 64 and ds.exact_log_density is None
     for split in ("train", "valid", "test"):
         values = torch.unique(ds.split(split))
@@ -114,7 +115,8 @@ def test_mixture_exact_density_matches_scipy_and_sample_mean(name, preset):
     per_component = stats.norm.logpdf(x[:, None, :], means, stds).sum(-1) + np.log(weights)  # [B, C]
     np.testing.assert_allclose(ds.exact_log_density(ds.test).numpy(), logsumexp(per_component, axis=1),
                                rtol=0, atol=1e-8)
-    assert ds.train.shape == (2000, mixture.dim) and (ds.kind, ds.likelihood, ds.image_shape) == ("real", "gaussian", None)
+    assert ds.train.shape == (2000, mixture.dim)
+    assert (ds.kind, ds.likelihood, ds.image_shape) == ("real", "gaussian", None)
     # The draws follow the mixture: each coordinate's sample mean is within 4 standard errors
     # (sqrt(Var[x_j] / n), Var from the mixture's closed-form moments) of the mixture mean.
     mean = weights @ means
@@ -222,7 +224,7 @@ def test_download_once_converts_to_the_packed_form_and_reuses_the_cache(fake_ser
 
 def test_download_with_wrong_digest_is_refused_and_not_cached(fake_server, fresh_clone, monkeypatch):
     monkeypatch.setitem(data_module.MNIST_SHA256, "valid", "0" * 64)
-    with pytest.raises(DataIntegrityError, match="valid split .* has sha256 .*, expected 0{64}"):
+    with pytest.raises(DataIntegrityError, match=r"valid split .* has sha256 .*, expected 0{64}"):
         load_dataset("binarized-mnist")
     assert list((fresh_clone / "cache" / "elbo-bench").iterdir()) == []
 
@@ -234,7 +236,7 @@ def test_local_file_with_wrong_contents_is_refused(fresh_clone):
     folder = fresh_clone / "elsewhere"
     folder.mkdir()
     (folder / "binarized_mnist.npz").write_bytes(buffer.getvalue())
-    with pytest.raises(DataIntegrityError, match="train split .* has sha256"):
+    with pytest.raises(DataIntegrityError, match=r"train split .* has sha256"):
         load_dataset("binarized-mnist", data_dir=folder)
 
 

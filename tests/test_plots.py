@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reports.schema import ROW_COLUMNS
 from reports.cells import summarize
 from reports.load import load_results
 from reports.plots import (
@@ -24,6 +23,7 @@ from reports.plots import (
     placed,
     plotting,
 )
+from reports.schema import ROW_COLUMNS
 
 LOG_P = -1.7  # the oracle's exact log p(x) on the mixture
 VDM = {1: -1000.0, 2: -50.0, 4: -4.0}  # trained continuous-time VDM: whole-trajectory ELBO at T

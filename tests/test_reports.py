@@ -82,7 +82,8 @@ def digits_rows() -> list[dict]:
                 rows.append(_row("digits", model, config, seed, "iwae", k, "throughput", 1000.0 * k + seed * 100, None,
                                  unit="samples/s"))
             value, se = columns["logp"][seed]
-            rows.append(_row("digits", model, config, seed, "log_marginal", 1000, "log_marginal", value, se, method="iwae"))
+            rows.append(_row("digits", model, config, seed, "log_marginal", 1000, "log_marginal", value, se,
+                             method="iwae"))
             value, se = columns["kl"][seed]
             rows.append(_row("digits", model, config, seed, "kl_terms", 1, "kl/z", value, se))
             rows.append(_row("digits", model, config, seed, "kl_terms", 1, "kl", value, se))  # total: one layer
@@ -333,7 +334,7 @@ def test_default_out_dir_and_formats(run_dir):
 def test_bad_input_raises_report_error(tmp_path, run_dir):
     with pytest.raises(reports.ReportError, match="unknown report format 'pdf'; choose from"):
         reports.build_report([run_dir], formats=["md", "pdf"])
-    with pytest.raises(reports.ReportError, match="no results.jsonl"):
+    with pytest.raises(reports.ReportError, match=r"no results\.jsonl"):
         reports.build_report([tmp_path / "nowhere"])
     failed_only = write_run(tmp_path / "failed", diffusion_rows()[-2:])
     with pytest.raises(reports.ReportError, match="no results to report"):

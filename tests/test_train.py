@@ -225,7 +225,7 @@ def test_a_foreign_pickle_in_the_cache_runs_no_code_and_gives_a_clear_error(digi
     path = _cell_path(digits, tmp_path)
     marker = tmp_path / "code-was-run"
     torch.save({"state_dict": _RunsCode(marker)}, path)  # a well-formed torch file whose pickle calls open()
-    with pytest.raises(CheckpointError, match="cannot load checkpoint .*delete the file to retrain"):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*delete the file to retrain"):
         train_model("vae", SMALL_MLP, digits, CACHED, device=CPU, cache_dir=tmp_path, progress=False)
     assert not marker.exists()
     assert path.exists()  # documented: never silently replaced
@@ -289,7 +289,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights_bit_for_bit(digits, tmp_
     resumed = train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, cache_dir=tmp_path, progress=False)
     assert resumed.from_cache is False and resumed.steps == whole.steps == 8 * 13
     assert _parameters_equal(resumed.model, whole.model)
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # noqa: E731
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
     assert strip(resumed.history) == strip(whole.history)
     assert not resume_files[0].exists()  # gone once the final checkpoint is written
     # Every stage end (steps 3, 11, 34) and every epoch end (multiples of 13) wrote a state, in order.
@@ -309,7 +309,7 @@ def test_a_resume_state_of_another_cell_is_refused(digits, tmp_path):
     model = initial_model("vae", SMALL_MLP, digits, STAGED)
     path = checkpoint_path(tmp_path, "vae", digits, checkpoint_key("vae", model, digits, STAGED))
     torch.save({"key": "another-cell", "state_dict": model.state_dict()}, resume_path(path))
-    with pytest.raises(CheckpointError, match="resume.pt: it is not a checkpoint of this training cell"):
+    with pytest.raises(CheckpointError, match=r"resume\.pt: it is not a checkpoint of this training cell"):
         train_model("vae", SMALL_MLP, digits, STAGED, device=CPU, cache_dir=tmp_path, progress=False)
 
 

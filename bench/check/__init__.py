@@ -13,7 +13,14 @@ baseline.py  reading runs and baselines, writing a baseline
 render.py    the plain-text report
 cli.py       the command line
 """
-from .baseline import BASELINE_FORMAT, BASELINE_FORMAT_VERSION, baseline_from_run, read_baseline, read_run_rows, write_baseline
+from .baseline import (
+    BASELINE_FORMAT,
+    BASELINE_FORMAT_VERSION,
+    baseline_from_run,
+    read_baseline,
+    read_run_rows,
+    write_baseline,
+)
 from .cells import KEY_FIELDS, CheckInputError, cell_key, describe_key
 from .cli import add_arguments, build_parser, main, run_check
 from .compare import CheckResult, compare

@@ -24,7 +24,8 @@ def read_run_rows(run_dir: Path) -> list[dict]:
         raise CheckInputError(f"run directory not found: {run_dir}")
     path = run_dir / RESULTS_FILE
     if not path.is_file():
-        raise CheckInputError(f"{run_dir} has no {RESULTS_FILE}: is it a run directory (python -m bench run --out DIR)?")
+        raise CheckInputError(f"{run_dir} has no {RESULTS_FILE}: is it a run directory "
+                              "(python -m bench run --out DIR)?")
     try:
         rows, torn = read_jsonl(path)
     except ResultsFileError as error:

@@ -1,4 +1,7 @@
-"""`python -m bench check RUN_DIR --baseline FILE` (or `--write-baseline FILE`): exit 0 pass, 1 regression, 2 bad input."""
+"""`python -m bench check RUN_DIR --baseline FILE` (or `--write-baseline FILE`).
+
+Exit status: 0 pass, 1 regression, 2 bad input.
+"""
 from __future__ import annotations
 
 import argparse

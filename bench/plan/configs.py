@@ -11,10 +11,9 @@ import inspect
 import types
 import typing
 
+from bench.train.config import TrainConfig
 from vaes import create_model
 from vaes.registry import get_model_entry
-
-from bench.train.config import TrainConfig
 
 from .keys import KeyChecker
 from .suite import DATASET_SET_KEYS, ModelSpec, Suite

@@ -18,12 +18,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vaes import create_model, list_models
-from vaes.base import config_hash as hash_config
-
 from bench import data as bench_data
 from bench.train.config import TrainConfig
 from reports.schema import STRUCTURE_FIELDS
+from vaes import create_model, list_models
+from vaes.base import config_hash as hash_config
 
 from .configs import check_overrides, train_config
 from .keys import KeyChecker, SuiteError
@@ -131,7 +130,7 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
 
 
 def evaluation_only_fields(model) -> tuple[str, ...]:
-    """The config fields a model declares evaluation-only (its config's ``evaluation_only_fields()``; none if absent)."""
+    """The config fields a model declares evaluation-only (its config's ``evaluation_only_fields()``)."""
     declared = getattr(model.config, "evaluation_only_fields", None)
     return tuple(declared()) if callable(declared) else ()
 

@@ -240,7 +240,7 @@ def _parse_estimators(value: object, check: KeyChecker) -> tuple[EstimatorSpec, 
             raw = entry.get(pname, spec.default)
             params[pname] = check.param(raw, f"{key}.{pname}", spec)
         ks = params.pop(kind.k_param) if kind.k_param else (None,)
-        n_examples = check.integer(entry["n_examples"], f"{key}.n_examples", minimum=1) if "n_examples" in entry else None
+        n_examples = check.positive(entry["n_examples"], f"{key}.n_examples") if "n_examples" in entry else None
         specs.append(EstimatorSpec(name, tuple(ks), params, n_examples))
     return tuple(specs)
 
@@ -272,4 +272,5 @@ def select(suite: Suite, *, models: list[str] | None = None, datasets: list[str]
 def _require_members(names: list[str], available: set[str], what: str, suite_name: str) -> None:
     for name in names:
         if name not in available:
-            raise SuiteError(f"{what} {name!r} is not in suite {suite_name}; its {what}s: {', '.join(sorted(available))}")
+            raise SuiteError(f"{what} {name!r} is not in suite {suite_name}; "
+                             f"its {what}s: {', '.join(sorted(available))}")

@@ -17,6 +17,7 @@ Peak memory:
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import statistics
@@ -66,7 +67,8 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, n_examples:
     device = torch.device(device)
     clock = choose("timing device", device.type, _CLOCKS)
     if n_examples < 1 or k < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need n_examples, k, repeats >= 1 and warmup >= 0; got {n_examples}, {k}, {repeats}, {warmup}")
+        raise ValueError(f"need n_examples, k, repeats >= 1 and warmup >= 0; "
+                         f"got {n_examples}, {k}, {repeats}, {warmup}")
     for _ in range(warmup):
         fn()
     times = tuple(clock(fn, device) for _ in range(repeats))
@@ -165,10 +167,8 @@ def _reset_high_water_mark() -> bool:
 
 def _trim_heap() -> None:
     """Hand free heap memory back to the OS (glibc only; elsewhere a no-op)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _sampled_peak_kib(fn: Callable[[], object]) -> int:

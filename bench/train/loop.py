@@ -49,7 +49,8 @@ class TrainingDivergedError(FloatingPointError):
 @dataclass
 class TrainResult:
     model: LatentVariableModel  # eval mode, on the training device
-    history: list[dict]  # step 0, then every eval_every steps and the last: step, epoch, lr, train_loss, valid_elbo, seconds
+    # step 0, then every eval_every steps and the last: step, epoch, lr, train_loss, valid_elbo, seconds
+    history: list[dict]
     checkpoint: Path | None  # where the trained state lies (None without a cache directory)
     from_cache: bool  # True: loaded, not trained, in this call
     train_seconds: float  # wall time of the training itself (as recorded when it ran, also when loaded)
@@ -67,7 +68,8 @@ def initial_model(model_name: str, model_config: dict, dataset: Dataset, cfg: Tr
     """The model training starts from (on CPU): seeded init, then the output-bias init. Reseeds the global torch RNG."""
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, model_config, dataset)
-    if cfg.output_bias_init and hasattr(model, "set_output_bias") and getattr(model.config, "likelihood", None) == "bernoulli":
+    bernoulli = getattr(model.config, "likelihood", None) == "bernoulli"
+    if cfg.output_bias_init and hasattr(model, "set_output_bias") and bernoulli:
         model.set_output_bias(dataset.train.mean(0))
     return model
 

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.speed import load_mnist_test, matmul_ceiling, random_binary
 from estimators import elbo, iwae
