@@ -1,6 +1,12 @@
-"""Shared fixtures: every test starts from fixed seeds and float64 where oracles are compared."""
+"""Shared fixtures: every test starts from fixed seeds and one torch thread.
+
+One thread: the tests' tensors are small, and on a shared machine torch's default thread
+count made the suite several times slower (threads spinning against other processes).
+A test about threads sets its own count; the fixture restores one thread after it.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -8,11 +14,17 @@ import numpy as np
 import pytest
 import torch
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the bench and report subprocesses tests start
+torch.set_num_threads(1)
+with contextlib.suppress(RuntimeError):  # allowed only before any inter-op work has started
+    torch.set_num_interop_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     np.random.seed(0)
+    torch.set_num_threads(1)
     yield
 
 
