@@ -55,7 +55,7 @@ class Dataset:
     valid: Tensor  # float32 [N_valid, D]
     test: Tensor  # float32 [N_test, D]
     kind: str  # "binary" or "real"
-    image_shape: tuple[int, int] | None  # (28, 28), (8, 8) or None: reports use it for bits/dim
+    image_shape: tuple[int, int] | None  # (28, 28), (8, 8) or None for non-image data
     exact_log_density: Callable[[Tensor], Tensor] | None = None  # true log p(x), [B] float64, synthetic data only
 
     def __post_init__(self) -> None:
