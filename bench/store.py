@@ -58,13 +58,9 @@ def check_new_run_dir(run_dir: Path) -> None:
 def load_manifest(run_dir: Path) -> dict:
     """The manifest of an existing run (RunDirectoryError if ``run_dir`` is not a run)."""
     try:
-        manifest = read_manifest(run_dir)
+        return read_manifest(run_dir, required=True)
     except ResultsFileError as exc:
-        raise RunDirectoryError(str(exc)) from None
-    if manifest is None:
-        raise RunDirectoryError(f"{run_dir} is not a run directory (no {MANIFEST_FILE}); "
-                                "--resume takes a directory written by `python -m bench run`")
-    return manifest
+        raise RunDirectoryError(f"{exc}; --resume takes a directory written by `python -m bench run`") from None
 
 
 class ResultsStore:

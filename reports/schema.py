@@ -169,10 +169,13 @@ def read_rows(run_dir: Path) -> tuple[list[dict], bool]:
 
 # --- manifest ---------------------------------------------------------------------------------------
 
-def read_manifest(run_dir: Path) -> dict | None:
-    """The run's manifest; None when it has none; ResultsFileError when it is not a JSON object."""
+def read_manifest(run_dir: Path, *, required: bool = False) -> dict | None:
+    """The run's manifest; when it has none, None (or ResultsFileError if ``required``); ResultsFileError
+    when it is not a JSON object."""
     path = Path(run_dir) / MANIFEST_FILE
     if not path.is_file():
+        if required:
+            raise ResultsFileError(f"{run_dir} is not a run directory (no {MANIFEST_FILE})")
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

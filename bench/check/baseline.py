@@ -45,12 +45,9 @@ def read_run_rows(run_dir: Path) -> list[dict]:
 
 def _run_manifest(run_dir: Path) -> dict:
     try:
-        manifest = read_manifest(run_dir)
+        return read_manifest(run_dir, required=True)
     except ResultsFileError as error:
         raise CheckInputError(str(error)) from None
-    if manifest is None:
-        raise CheckInputError(f"run manifest not found in {run_dir}")
-    return manifest
 
 
 def read_baseline(path: Path) -> dict[CellKey, dict]:

@@ -101,30 +101,29 @@ def _not_finite_finding(kind: str, baseline: dict, run: dict) -> Finding:
     return Finding(kind, cell_key(run), baseline["value"], None, None, None, f"value {run['value']!r} is not finite")
 
 
-def compare_bound(baseline: dict, run: dict, settings: Settings) -> Finding | None:
+def _compare_values(baseline: dict, run: dict, settings: Settings, *, bound: bool) -> Finding | None:
+    """A move beyond the tolerance: for a bound a regression (down) or an improvement (up), else information."""
     if _not_finite(run):
-        return _not_finite_finding("regression", baseline, run)
-    key = cell_key(run)
+        return _not_finite_finding("regression" if bound else "information", baseline, run)
     tolerance, scale, source = bound_tolerance(baseline, run, settings)
     change = run["value"] - baseline["value"]
-    kind = "regression" if change < -tolerance else "improvement" if change > tolerance else None
-    if kind is None:
+    if abs(change) <= tolerance:
         return None
+    if not bound:
+        return Finding("information", cell_key(run), baseline["value"], run["value"], change, tolerance,
+                       f"KL moved (tolerance from {source}); not a failure")
     z = f" (z = {change / scale:+.1f})" if scale > 0 else ""
-    return Finding(kind, key, baseline["value"], run["value"], change, tolerance, f"tolerance from {source}{z}")
+    return Finding("regression" if change < 0 else "improvement", cell_key(run), baseline["value"], run["value"],
+                   change, tolerance, f"tolerance from {source}{z}")
+
+
+def compare_bound(baseline: dict, run: dict, settings: Settings) -> Finding | None:
+    return _compare_values(baseline, run, settings, bound=True)
 
 
 def compare_information(baseline: dict, run: dict, settings: Settings) -> Finding | None:
     """KL terms: a significant change either way is worth a look, never a failure."""
-    if _not_finite(run):
-        return _not_finite_finding("information", baseline, run)
-    key = cell_key(run)
-    tolerance, _, source = bound_tolerance(baseline, run, settings)
-    change = run["value"] - baseline["value"]
-    if abs(change) <= tolerance:
-        return None
-    return Finding("information", key, baseline["value"], run["value"], change, tolerance,
-                   f"KL moved (tolerance from {source}); not a failure")
+    return _compare_values(baseline, run, settings, bound=False)
 
 
 def compare_throughput(baseline: dict, run: dict, settings: Settings) -> Finding | None:
