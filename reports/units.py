@@ -23,9 +23,12 @@ BITS_SIGN: dict[str, float] = {"bound": -1.0, "log_marginal": -1.0, "gap": 1.0, 
 
 
 def bits_per_dim_dims(cells: pd.DataFrame) -> int | None:
-    """D of one dataset's cells when every one declares the same D of discrete data; else None (nats only)."""
-    declared = cells[["data_dim", "likelihood"]].drop_duplicates()
-    if len(declared) != 1 or pd.isna(declared["data_dim"].iloc[0]):
+    """D of one dataset's cells when those that declare it agree on one D of discrete data; else None (nats only).
+
+    Cells without a declaration (from runs written before rows carried one) neither give nor contradict it.
+    """
+    declared = cells.loc[cells["data_dim"].notna(), ["data_dim", "likelihood"]].drop_duplicates()
+    if len(declared) != 1:
         return None
     data_dim, likelihood = declared.iloc[0]
     return int(data_dim) if likelihood in DISCRETE_LIKELIHOODS else None

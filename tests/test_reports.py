@@ -169,6 +169,9 @@ def test_rows_written_before_the_structure_existed_still_load_in_nats(tmp_path):
     old_elbo = _table(tmp_path / "old", "digits", "nats").cell("vae", "ELBO")
     new_elbo = _table(write_run(tmp_path / "new", digits_rows()), "digits", "nats").cell("vae", "ELBO")
     assert (old_elbo["value"], old_elbo["stderr"]) == (new_elbo["value"], new_elbo["stderr"])
+    # beside a current run of the same dataset, the rows that declare D give it; the old ones do not contradict it
+    both = build_tables(load_results([tmp_path / "old", tmp_path / "new"]))
+    assert {(t.dataset, t.unit) for t in both} == {("digits", "nats"), ("digits", "bits/dim")}
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
