@@ -8,10 +8,10 @@ from .marginal import LOG_MARGINAL_METHODS, log_marginal
 
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
-    "Estimate",
-    "active_units",
     "LOG_MARGINAL_METHODS",
     "OBJECTIVES",
+    "Estimate",
+    "active_units",
     "choose_chunk",
     "elbo",
     "iwae",

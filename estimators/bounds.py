@@ -8,7 +8,7 @@ Only values are ever reported.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -100,7 +100,8 @@ def _diffusion_objective(model: LatentVariableModel, x: Tensor, objective: Objec
     """
     loss_terms = getattr(model, "diffusion_loss_terms", None)
     if loss_terms is None:
-        raise ValueError(f"objective 'diffusion' needs a model with diffusion_loss_terms; {type(model).__name__} has none")
+        raise ValueError(f"objective 'diffusion' needs a model with diffusion_loss_terms; "
+                         f"{type(model).__name__} has none")
     return loss_terms(x, samples=objective.k).elbo
 
 

@@ -10,7 +10,8 @@ from vaes.base import LatentVariableModel
 ACTIVE_UNIT_THRESHOLD = 0.01
 
 
-def active_units(model: LatentVariableModel, x: Tensor, *, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, int] | None:
+def active_units(model: LatentVariableModel, x: Tensor, *,
+                 threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, int] | None:
     """Number of active units per stochastic layer over the examples in x; None if the model has no posterior means."""
     with torch.inference_mode():
         means = model.posterior_means(x)

@@ -1,7 +1,7 @@
 """log p(x): exact where the model has it, otherwise the IWAE-K estimate."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

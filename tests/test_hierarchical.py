@@ -48,7 +48,7 @@ def test_log_weights_shapes_finite_and_backward(n_layers):
         assert torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, f"{name} gets no gradient"
     means = model.posterior_means(x)
-    assert {name: tuple(mean.shape) for name, mean in means.items()} == {name: (5, 3) for name in model.layers}
+    assert {name: tuple(mean.shape) for name, mean in means.items()} == dict.fromkeys(model.layers, (5, 3))
 
 
 def test_registered_and_default_is_iwae_two_layer_architecture():

@@ -174,7 +174,7 @@ def test_doubling_steps_never_hurts_for_a_trained_network():
     torch.manual_seed(0)
     model = create_model("vdm", data_dim=2, likelihood="gaussian", time="continuous", hidden=(64, 64))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(400):
+    for _ in range(400):
         batch = train[torch.randint(0, train.shape[0], (128,))]
         loss = -estimators.training_objective(model, batch).mean()
         optimizer.zero_grad()

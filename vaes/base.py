@@ -75,7 +75,7 @@ class Objective:
             raise ValueError(f"objective beta must be >= 0, got {self.beta!r}")
 
 
-def as_objective(value: "Objective | Mapping") -> Objective:
+def as_objective(value: Objective | Mapping) -> Objective:
     """An Objective from itself or from a mapping of its fields (a suite file spells it as a table)."""
     if isinstance(value, Mapping):
         value = Objective(**value)

@@ -10,14 +10,22 @@ is exactly the MLP VAE (same modules, same random draws).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, as_objective, check_k, diagonal_normal_log_prob, standard_normal_log_prob
+from .base import (
+    LatentVariableModel,
+    LogWeights,
+    ModelStructure,
+    Objective,
+    as_objective,
+    check_k,
+    diagonal_normal_log_prob,
+    standard_normal_log_prob,
+)
 from .layers import (
     BernoulliLikelihood,
     GaussianHead,
@@ -125,7 +133,8 @@ _OUTPUT_BIAS_FROM_MEAN: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class HierarchicalVAE(LatentVariableModel):
-    """Markovian hierarchical VAE: Gaussian q(z_1 | x), q(z_{l+1} | z_l); p(z_L) = N(0, I), Gaussian p(z_l | z_{l+1})."""
+    """Markovian hierarchical VAE: Gaussian q(z_1 | x), q(z_{l+1} | z_l); p(z_L) = N(0, I),
+    Gaussian p(z_l | z_{l+1})."""
 
     def __init__(self, config: HVAEConfig):
         super().__init__()

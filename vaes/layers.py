@@ -1,9 +1,10 @@
 """Building blocks shared by the model families: MLPs, Gaussian stochastic layers, likelihoods."""
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ def mlp(sizes: Sequence[int], activation: str, *, final_activation: bool = True)
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choices: {', '.join(sorted(ACTIVATIONS))}")
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if final_activation or i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())

@@ -35,7 +35,8 @@ class LinearGaussianConfig:
         if not 1 <= self.latent_dim <= self.data_dim:
             raise ValueError(f"need 1 <= latent_dim <= data_dim, got {self.latent_dim} and {self.data_dim}")
         if self.likelihood != "gaussian":
-            raise ValueError(f"linear-gaussian models real-valued data only (likelihood 'gaussian'), got {self.likelihood!r}")
+            raise ValueError(f"linear-gaussian models real-valued data only (likelihood 'gaussian'), "
+                             f"got {self.likelihood!r}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choices: {', '.join(sorted(ENCODERS))}")
 
@@ -43,7 +44,7 @@ class LinearGaussianConfig:
 class ExactPosterior(nn.Module):
     """q(z | x) = p(z | x), computed from the generative parameters (no parameters of its own)."""
 
-    def forward(self, model: "LinearGaussian", x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, model: LinearGaussian, x: Tensor) -> tuple[Tensor, Tensor]:
         mean_map, scale_tril = posterior_linear_map(model)
         return (x - model.mu) @ mean_map.T, scale_tril
 
@@ -57,7 +58,7 @@ class AmortizedLinearEncoder(nn.Module):
         self.shift = nn.Parameter(torch.zeros(latent_dim))  # b
         self.log_std = nn.Parameter(torch.zeros(latent_dim))  # log s
 
-    def forward(self, model: "LinearGaussian", x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, model: LinearGaussian, x: Tensor) -> tuple[Tensor, Tensor]:
         mean = (x - model.mu) @ self.proj.T + self.shift
         return mean, torch.diag(torch.exp(self.log_std))
 
@@ -121,7 +122,8 @@ class LinearGaussian(LatentVariableModel):
     def marginal_covariance(self) -> Tensor:
         """C = W W^T + sigma^2 I, [d, d]."""
         d = self.weight.shape[0]
-        return self.weight @ self.weight.T + self.sigma2 * torch.eye(d, dtype=self.weight.dtype, device=self.weight.device)
+        identity = torch.eye(d, dtype=self.weight.dtype, device=self.weight.device)
+        return self.weight @ self.weight.T + self.sigma2 * identity
 
     def exact_log_marginal(self, x: Tensor) -> Tensor:
         self.check_batch(x, self.config.data_dim)
@@ -132,7 +134,7 @@ class LinearGaussian(LatentVariableModel):
         return -0.5 * (white.pow(2).sum(0) + log_det + d * _LOG_2PI)
 
     @torch.no_grad()
-    def fit_maximum_likelihood(self, data: Tensor) -> "LinearGaussian":
+    def fit_maximum_likelihood(self, data: Tensor) -> LinearGaussian:
         """Set W, mu, sigma to the closed-form maximum-likelihood solution (Tipping & Bishop 1999).
 
         mu = sample mean; sigma^2 = mean of the d - q smallest eigenvalues of the
@@ -141,7 +143,8 @@ class LinearGaussian(LatentVariableModel):
         """
         d, q = self.config.data_dim, self.config.latent_dim
         if q == d:
-            raise ValueError("the ML fit needs latent_dim < data_dim (sigma^2 is the mean of the d - q smallest eigenvalues)")
+            raise ValueError("the ML fit needs latent_dim < data_dim "
+                             "(sigma^2 is the mean of the d - q smallest eigenvalues)")
         data = data.to(self.weight.dtype)
         mu = data.mean(0)
         centered = data - mu

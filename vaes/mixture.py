@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +39,8 @@ def _ring_2d() -> GaussianMixture:
     """Eight well-separated components on a circle of radius 2, std 0.2: a multimodal 2-D toy."""
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
     means = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
-    return GaussianMixture(torch.full((8,), 1 / 8, dtype=torch.float64), means, torch.full((8, 2), 0.2, dtype=torch.float64))
+    weights = torch.full((8,), 1 / 8, dtype=torch.float64)
+    return GaussianMixture(weights, means, torch.full((8, 2), 0.2, dtype=torch.float64))
 
 
 def _random_16d() -> GaussianMixture:

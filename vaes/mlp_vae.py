@@ -11,7 +11,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, as_objective, check_k, diagonal_normal_kl, standard_normal_log_prob
+from .base import (
+    LatentVariableModel,
+    LogWeights,
+    ModelStructure,
+    Objective,
+    as_objective,
+    check_k,
+    diagonal_normal_kl,
+    standard_normal_log_prob,
+)
 from .layers import (
     BernoulliLikelihood,
     GaussianBernoulliDraws,

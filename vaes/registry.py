@@ -8,9 +8,9 @@ the entry-point group ``elbo_bench.models``; each entry point names a module
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Callable
 
 from .base import LatentVariableModel
 

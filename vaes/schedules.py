@@ -9,8 +9,8 @@ Each schedule is given by its two end points; ``NoiseSchedule`` holds them
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -314,7 +314,8 @@ class DiffusionModel(LatentVariableModel):
         batch, dim = y.shape
         opts = {"dtype": torch.float64, "device": y.device, "generator": generator}
         offset = torch.rand(batch, **opts)
-        u = torch.remainder(offset + torch.arange(samples, dtype=torch.float64, device=y.device)[:, None] / samples, 1.0)
+        strata = torch.arange(samples, dtype=torch.float64, device=y.device)[:, None] / samples
+        u = torch.remainder(offset + strata, 1.0)
         t, weight = self.time_mode.time_and_weight(u, self.schedule, self.config.steps)  # [S, B]
         gamma_t = self.schedule.gamma(t)
         alpha2, sigma2 = alpha_sigma_squared(gamma_t)
