@@ -126,13 +126,15 @@ def _ml_gap(dataset: Dataset, config: TrainConfig) -> float:
 
 # Full-batch ELBO training of the amortized model. The gap is deterministic (seeded) and must be >= 0
 # (the ML fit is the maximum, up to float32 training round-off, hence -1e-6). The slow direction is the
-# rotation of W towards orthogonal columns that the diagonal encoder needs; measured gaps: 0.0088 after
-# 4000 steps, 0.013 after 2000 steps with beta2 = 0.99.
+# rotation of W towards orthogonal columns that the diagonal encoder needs. With one torch thread the
+# measured gaps after 6000 steps are 0.0106 with beta2 = 0.999 (Adam's long second-moment memory keeps
+# the late steps small) and 0.00025 with beta2 = 0.99; 0.00010 after 10000 steps.
 @pytest.mark.slow
 def test_linear_gaussian_training_reaches_the_maximum_likelihood(linear_gaussian_data):
-    config = TrainConfig(steps=6000, batch_size=2000, lr=0.1, schedule="cosine", eval_every=6000)
+    config = TrainConfig(steps=6000, batch_size=2000, lr=0.1, betas=(0.9, 0.99), schedule="cosine",
+                         eval_every=6000)
     gap = _ml_gap(linear_gaussian_data, config)
-    assert -1e-6 < gap < 0.01
+    assert -1e-6 < gap < 0.002
 
 
 def test_linear_gaussian_training_approaches_the_maximum_likelihood_fast(linear_gaussian_data):
