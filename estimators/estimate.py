@@ -32,7 +32,11 @@ class Estimate:
         return float(self.value.mean())
 
     def mean_stderr(self) -> float | None:
-        """Monte Carlo standard error of the batch mean: sqrt(sum stderr_i^2) / B (draws are independent)."""
+        """Monte Carlo standard error of the batch mean: sqrt(sum stderr_i^2) / B (draws are independent).
+
+        Where each squared error is unbiased (iid draws, replicates), so is this one's square, with
+        B * stderr_dof degrees of freedom; a delta-method error carries its understatement over.
+        """
         if self.stderr is None:
             return None
         return float(self.stderr.pow(2).sum().sqrt() / self.stderr.numel())
