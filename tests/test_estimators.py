@@ -121,7 +121,67 @@ def test_running_logmeanexp_survives_huge_offsets():
     acc.update(torch.tensor([[-1e4], [-1e4 + 1]], dtype=torch.float64))
     acc.update(torch.tensor([[1e3]], dtype=torch.float64))  # a new max far above the old one
     expected = torch.logsumexp(torch.tensor([-1e4, -1e4 + 1, 1e3], dtype=torch.float64), 0) - math.log(3)
-    torch.testing.assert_close(acc.log_mean(), expected.reshape(1))
+    torch.testing.assert_close(acc.log_mean(), expected.reshape(1, 1))
+
+
+def _zero_weight_table() -> torch.Tensor:
+    """[8, 3] log weights: column 0 starts with 3 zero weights (-inf), so a first chunk of 1 or 2
+    holds nothing else; column 1 is all zero weights; column 2 has one zero weight in the middle."""
+    table = torch.randn(8, 3, dtype=torch.float64)
+    table[:3, 0] = -torch.inf
+    table[:, 1] = -torch.inf
+    table[4, 2] = -torch.inf
+    return table
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_zero_weights_give_the_same_iwae_in_any_chunks_and_minus_inf_when_all_are_zero(chunk):
+    table = _zero_weight_table()
+    got = E.iwae(ReplayModel(table), torch.zeros(3, 1), k=8, chunk=chunk)
+    expected = torch.logsumexp(table, 0) - math.log(8)  # torch's one-shot reduction handles -inf
+    assert got.value[1] == -torch.inf
+    torch.testing.assert_close(got.value, expected, rtol=0, atol=1e-12)
+    # ESS of the positive weights; an example without any has ESS 0 and an unbounded error.
+    with_weight = table[:, [0, 2]]
+    w = torch.exp(with_weight - with_weight.max(0).values)
+    torch.testing.assert_close(got.terms["ess"][[0, 2]], w.sum(0) ** 2 / w.pow(2).sum(0), rtol=1e-12, atol=0)
+    assert got.terms["ess"][1] == 0 and got.stderr[1] == torch.inf
+    assert torch.isfinite(got.stderr[[0, 2]]).all()
+
+
+def test_zero_weights_in_replicates_and_in_the_elbo_give_minus_inf_with_an_unbounded_error():
+    table = _zero_weight_table()
+    replicated = E.iwae(ReplayModel(table), torch.zeros(3, 1), k=4, replicates=2, chunk=3)
+    halves = torch.logsumexp(table.view(2, 4, 3), 1) - math.log(4)  # [R, B]
+    torch.testing.assert_close(replicated.value, halves.mean(0), rtol=0, atol=1e-12)
+    # Column 0's first replicate is 3 zero weights and one positive one: finite.
+    assert torch.isfinite(replicated.value[[0, 2]]).all() and replicated.value[1] == -torch.inf
+    assert replicated.stderr[1] == torch.inf and torch.isfinite(replicated.stderr[[0, 2]]).all()
+    bound = E.elbo(ReplayModel(table), torch.zeros(3, 1), samples=8, analytic_kl=False, chunk=3)
+    assert (bound.value == -torch.inf).all() and (bound.stderr == torch.inf).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 20])
+def test_replicates_are_consecutive_groups_of_k_draws_whatever_the_chunk(chunk):
+    # R = 4 replicates of K = 5 from a table of 20 draws; chunks of 3 straddle replicates.
+    table = 2.0 * torch.randn(20, 6, dtype=torch.float64)
+    got = E.iwae(ReplayModel(table), torch.zeros(6, 1), k=5, replicates=4, chunk=chunk)
+    per_replicate = torch.logsumexp(table.view(4, 5, 6), 1) - math.log(5)  # [R, B]
+    torch.testing.assert_close(got.value, per_replicate.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.stderr, per_replicate.std(0) / 2, rtol=1e-10, atol=0)
+    assert got.stderr_dof == 3
+    # The delta-method error of the mean of 4 kept for comparison: sqrt(sum of squares) / 4.
+    w = torch.exp(table.view(4, 5, 6) - table.view(4, 5, 6).max(1, keepdim=True).values)
+    ess = w.sum(1) ** 2 / w.pow(2).sum(1)
+    delta = torch.sqrt((5 / ess - 1) / 4)
+    torch.testing.assert_close(got.terms["delta_stderr"], delta.pow(2).sum(0).sqrt() / 4, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.terms["ess"], ess.mean(0), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, True])
+def test_bad_replicates_are_rejected(bad):
+    with pytest.raises(ValueError, match="replicates must be an integer >= 1"):
+        E.iwae(ReplayModel(torch.zeros(4, 1)), torch.zeros(1, 1), k=2, replicates=bad)
 
 
 def test_chunk_is_chosen_from_the_memory_budget(monkeypatch):
