@@ -9,7 +9,8 @@ proportion: its standard deviation at 95% over 2,000 rows is 0.0049, and the tol
 IWAE_K is biased for log p(x), so its intervals are checked against E[IWAE_K], which is
 log p(x) + c_K with c_K the same for every example: c_K is the mean of IWAE_K - log p(x)
 over 2,000 independent rows, whose error (1/45 of one estimate's spread) moves the coverage
-by less than 0.003. The draws are float32 (twice as fast; the estimators sum in float64). The ELBO's expectation is closed form: log p(x) - KL(q || p(z|x)).
+by less than 0.003. The draws are float32 (twice as fast; the estimators sum in float64). The
+ELBO's expectation is closed form: log p(x) - KL(q || p(z|x)).
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import math
 
 import pytest
 import torch
+from gaussian_toy import GaussianToy
 from scipy import stats
 
 import estimators as E
-from gaussian_toy import GaussianToy
 
 DIM, EXAMPLES, SEEDS, REFERENCE_ROWS = 20, 10, 200, 2000
 NOMINAL, TOLERANCE = 0.95, 0.03
@@ -49,7 +50,7 @@ def _coverage(estimate: E.Estimate, target: torch.Tensor) -> float:
     return float(((estimate.value - target).abs() <= quantile * estimate.stderr).double().mean())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(q_var: float, k: int) -> dict[str, float]:
     """Coverages and error ratios of ELBO (k draws), IWAE-k (delta method) and IWAE-k (2 replicates)."""
     threads = torch.get_num_threads()
