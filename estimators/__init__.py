@@ -1,6 +1,7 @@
 """Bounds and diagnostics: pure functions over the model protocol (vaes.base), never a model's family."""
 from .bounds import OBJECTIVES, elbo, iwae, training_objective
 from .chunking import choose_chunk, memory_budget_bytes
+from .diffusion import diffusion_elbo
 from .diagnostics import ACTIVE_UNIT_THRESHOLD, active_units
 from .estimate import Estimate
 from .kl import kl_terms
@@ -13,6 +14,7 @@ __all__ = [
     "LOG_MARGINAL_METHODS",
     "OBJECTIVES",
     "choose_chunk",
+    "diffusion_elbo",
     "elbo",
     "iwae",
     "kl_terms",

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from vaes.base import LatentVariableModel, Objective, check_k
+from vaes.base import DIFFUSION_TERMS, LatentVariableModel, Objective, check_k, choose
 
-from .chunking import draw_chunks
+from .chunking import check_chunk, draw_chunks
+from .diffusion import reduce_diffusion_draws
 from .estimate import Estimate, RunningLogMeanExp, RunningMoments
 
 
@@ -35,7 +36,8 @@ def elbo(model: LatentVariableModel, x: Tensor, *, samples: int = 1, analytic_kl
     KL terms are exact and only the reconstruction term is Monte Carlo.
     Terms: ``reconstruction``, ``kl`` (total) and ``kl/<layer>``, each [B].
     """
-    check_k(samples)
+    check_k(samples, "samples")
+    check_chunk(chunk)
     with torch.inference_mode():
         closed_kl = _closed_form_kl(model, x, model.layers) if analytic_kl else None
         bound, recon = RunningMoments(), RunningMoments()
@@ -66,6 +68,12 @@ def iwae(model: LatentVariableModel, x: Tensor, *, k: int, chunk: int | None = N
     one (None for K = 1).
     """
     check_k(k)
+    check_chunk(chunk)
+    return iwae_of_checked_k(model, x, k, chunk)
+
+
+def iwae_of_checked_k(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> Estimate:
+    """``iwae`` for a K and chunk that the caller has checked."""
     with torch.inference_mode():
         accumulator = RunningLogMeanExp()
         for log_weights in draw_chunks(model, x, k, chunk):
@@ -98,10 +106,8 @@ def _diffusion_objective(model: LatentVariableModel, x: Tensor, objective: Objec
     Unbiased for the same ELBO as log_weights gives, with far lower variance than one
     whole trajectory, and one network call per draw instead of T.
     """
-    loss_terms = getattr(model, "diffusion_loss_terms", None)
-    if loss_terms is None:
-        raise ValueError(f"objective 'diffusion' needs a model with diffusion_loss_terms; {type(model).__name__} has none")
-    return loss_terms(x, samples=objective.k).elbo
+    model.require(DIFFUSION_TERMS, "objective 'diffusion'")
+    return reduce_diffusion_draws(model.diffusion_loss_terms(x, samples=objective.k)).value
 
 
 OBJECTIVES: dict[str, Callable[[LatentVariableModel, Tensor, Objective], Tensor]] = {
@@ -115,10 +121,9 @@ OBJECTIVES: dict[str, Callable[[LatentVariableModel, Tensor, Objective], Tensor]
 def training_objective(model: LatentVariableModel, x: Tensor, objective: Objective | None = None) -> Tensor:
     """The per-example surrogate [B] that training maximizes for ``objective`` (the model's own by default)."""
     objective = model.objective if objective is None else objective
-    if objective.name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective.name!r}; choices: {', '.join(sorted(OBJECTIVES))}")
+    surrogate_of = choose("objective", objective.name, OBJECTIVES)
     if objective.name == "elbo" and objective.beta != 1.0:
         raise ValueError("the 'elbo' objective has beta = 1; use 'beta-elbo' to weight the KL")
-    surrogate = OBJECTIVES[objective.name](model, x, objective)
+    surrogate = surrogate_of(model, x, objective)
     assert surrogate.shape == (x.shape[0],), surrogate.shape
     return surrogate

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,9 @@ import torch
 import estimators as E
 import vaes
 from estimators.chunking import BUDGET_ENV, MIN_CHUNK_ROWS, choose_chunk
+from estimators.diffusion import reduce_diffusion_draws
 from estimators.estimate import RunningLogMeanExp, RunningMoments
-from vaes.base import LatentVariableModel, LogWeights
+from vaes.base import DiffusionDraws, LatentVariableModel, LogWeights, MissingCapability, UnknownChoice, choose
 
 
 class ReplayModel(LatentVariableModel):
@@ -227,3 +229,59 @@ def test_a_chunk_of_the_wrong_shape_is_named():
 
     with pytest.raises(ValueError, match=r"OneDrawShort log weights of a chunk have shape \(2, 4\), expected \[3, 4\]"):
         E.iwae(OneDrawShort(torch.zeros(10, 4)), torch.zeros(4, 1), k=3, chunk=3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: E.elbo(m, x, samples=0), "samples must be an integer >= 1, got 0"),
+    (lambda m, x: E.elbo(m, x, samples=2, chunk=0), "chunk must be an integer >= 1, got 0"),
+    (lambda m, x: E.iwae(m, x, k=5, chunk=1.5), "chunk must be an integer >= 1, got 1.5"),
+    (lambda m, x: E.kl_terms(m, x, samples=-2, method="mc"), "samples must be an integer >= 1, got -2"),
+    (lambda m, x: E.log_marginal(m, x, k=0), "k must be an integer >= 1, got 0"),
+    (lambda m, x: E.log_marginal(m, x, method="exact", k=0), "k must be an integer >= 1, got 0"),
+    (lambda m, x: E.kl_terms(m, x, method="guess"), "unknown KL method 'guess'; choices: analytic, auto, mc"),
+])
+def test_each_estimator_names_its_bad_argument(call, message):
+    model = vaes.create_model("vae", data_dim=8, latent_dim=2, hidden=(4,))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(model, torch.zeros(2, 8))
+
+
+def test_choose_names_the_choices_sorted():
+    table = {"b": 2, "a": 1}
+    assert choose("letter", "a", table) == 1
+    with pytest.raises(UnknownChoice, match=re.escape("unknown letter 'c'; choices: a, b")):
+        choose("letter", "c", table)
+    with pytest.raises(UnknownChoice, match=re.escape("unknown letter ['a']; choices: a, b")):
+        choose("letter", ["a"], table)  # unhashable: still the one clear error
+
+
+def test_diffusion_elbo_reduces_the_draws_as_mean_minus_prior_with_quadrature_errors():
+    s = 6
+    recon = torch.randn(s, 3, dtype=torch.float64)
+    diffusion = torch.rand(s, 3, dtype=torch.float64)
+    prior = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    got = reduce_diffusion_draws(DiffusionDraws(recon, prior, diffusion))
+    torch.testing.assert_close(got.value, recon.mean(0) - prior - diffusion.mean(0), rtol=0, atol=1e-15)
+    variance = (recon.var(0) + diffusion.var(0)) / s  # unbiased sample variances of two independent means
+    torch.testing.assert_close(got.stderr, variance.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.terms["diffusion_stderr"], (diffusion.var(0) / s).sqrt(), rtol=1e-12, atol=0)
+    one = reduce_diffusion_draws(DiffusionDraws(recon[:1], prior, diffusion[:1]))
+    assert one.stderr is None and "reconstruction_stderr" not in one.terms
+
+
+def test_diffusion_objective_is_the_diffusion_elbo_on_the_same_draws():
+    model = vaes.create_model("vdm", data_dim=5, steps=4, hidden=(8,))
+    x = (torch.rand(6, 5) > 0.5).float()
+    torch.manual_seed(3)
+    surrogate = E.training_objective(model, x, vaes.Objective("diffusion", k=4))
+    torch.manual_seed(3)
+    bound = E.diffusion_elbo(model, x, samples=4)
+    assert torch.equal(surrogate.detach(), bound.value)
+
+
+def test_diffusion_needs_the_declared_capability():
+    model = vaes.create_model("vae", data_dim=8, latent_dim=2, hidden=(4,))
+    with pytest.raises(MissingCapability, match="diffusion_elbo needs a model with 'diffusion_terms'"):
+        E.diffusion_elbo(model, torch.zeros(2, 8), samples=2)
+    with pytest.raises(MissingCapability, match="objective 'diffusion' needs a model with 'diffusion_terms'"):
+        E.training_objective(model, torch.zeros(2, 8), vaes.Objective("diffusion", k=2))

@@ -10,8 +10,10 @@ import abc
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -69,8 +71,7 @@ class Objective:
     beta: float = 1.0  # KL weight for "beta-elbo"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"objective k must be an integer >= 1, got {self.k!r}")
+        check_k(self.k, "objective k")
         if self.beta < 0:
             raise ValueError(f"objective beta must be >= 0, got {self.beta!r}")
 
@@ -168,8 +169,7 @@ class LatentVariableModel(nn.Module):
     capabilities: frozenset[str] = frozenset()  # of CAPABILITIES; see the optional methods below
 
     def supports(self, capability: str) -> bool:
-        if capability not in CAPABILITIES:
-            raise ValueError(f"unknown capability {capability!r}; choices: {', '.join(CAPABILITIES)}")
+        choose("capability", capability, dict.fromkeys(CAPABILITIES))
         return capability in self.capabilities
 
     def require(self, capability: str, wanted_by: str) -> None:
@@ -256,22 +256,60 @@ class LatentVariableModel(nn.Module):
             raise ValueError(f"{type(self).__name__} expects x of shape [B, {data_dim}], got {tuple(x.shape)}")
 
 
-def check_k(k: object) -> int:
-    """K must be a positive integer (bool is not an integer here)."""
+def check_k(k: object, name: str = "k") -> int:
+    """A count of draws (or any size) must be a positive integer (bool is not an integer here).
+
+    Public entry points check their own arguments once, under the caller's name for them."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
     return k
+
+
+# --- named choices ---------------------------------------------------------------------------------
+
+Choice = TypeVar("Choice")
+
+
+class UnknownChoice(ValueError):
+    """A name that is not a key of the table it should pick from."""
+
+
+def choose(what: str, name: object, table: Mapping[str, Choice]) -> Choice:
+    """``table[name]``, or UnknownChoice saying "unknown {what} {name!r}; choices: ..." (sorted)."""
+    try:
+        return table[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable name
+        raise UnknownChoice(f"unknown {what} {name!r}; choices: {', '.join(sorted(table))}") from None
+
+
+# --- Gaussian densities: the one copy every family uses --------------------------------------------
+# The float operations keep one order (constant added inside the -1/2, log scale subtracted after),
+# so every path that computes the same density gives the same bits.
+
+LOG_2PI = math.log(2 * math.pi)
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """log N(z; 0, I) summed over the last dimension."""
-    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * _LOG_2PI)
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * LOG_2PI)
+
+
+def noise_log_prob(eps: Tensor, log_scale_det: Tensor | float) -> Tensor:
+    """log N(mean + S eps; mean, S S^T) from the standard noise eps, summed over the last dimension.
+
+    ``log_scale_det`` is log |det S| (for a diagonal S, the sum of its log sigmas), so no division
+    by the scale is needed."""
+    return standard_normal_log_prob(eps) - log_scale_det
 
 
 def diagonal_normal_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     """log N(z; mean, diag(exp(2 log_std))) summed over the last dimension."""
-    scaled = (z - mean) * torch.exp(-log_std)
-    return -0.5 * (scaled.pow(2).sum(-1) + z.shape[-1] * _LOG_2PI) - log_std.sum(-1)
+    return noise_log_prob((z - mean) * torch.exp(-log_std), log_std.sum(-1))
+
+
+def standard_normal_log_prob_from_square_(square_norm: Tensor, dim: int) -> Tensor:
+    """log N(z; 0, I_dim) from |z|^2, in place (the blocked fast paths keep only squared norms)."""
+    return square_norm.mul_(-0.5).sub_(0.5 * dim * LOG_2PI)
 
 
 def diagonal_normal_kl(mean_q: Tensor, log_std_q: Tensor, mean_p: Tensor, log_std_p: Tensor) -> Tensor:
@@ -279,6 +317,3 @@ def diagonal_normal_kl(mean_q: Tensor, log_std_q: Tensor, mean_p: Tensor, log_st
     var_ratio = torch.exp(2 * (log_std_q - log_std_p))
     mean_term = ((mean_q - mean_p) * torch.exp(-log_std_p)).pow(2)
     return 0.5 * (var_ratio + mean_term - 1 - 2 * (log_std_q - log_std_p)).sum(-1)
-
-
-_LOG_2PI = float(torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64)))

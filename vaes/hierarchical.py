@@ -83,8 +83,7 @@ class HVAEConfig:
     objective: Objective = field(default_factory=Objective)  # what training maximizes (ELBO unless told)
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise ValueError(f"n_layers must be an integer >= 1, got {self.n_layers!r}")
+        check_k(self.n_layers, "n_layers")
         # TOML and JSON give lists; the hash and equality need tuples, one entry per layer.
         object.__setattr__(self, "latent_dims", _layer_latents(self.latent_dims, self.n_layers))
         object.__setattr__(self, "hidden", _layer_hidden(self.hidden, self.n_layers))
@@ -195,7 +194,7 @@ class HierarchicalVAE(LatentVariableModel):
         E_{q(z_{l-1} | x)}[mean of q(z_l | z_{l-1})], a Monte Carlo average over
         ``samples`` draws of the lower layers (random, so it uses the global RNG).
         """
-        check_k(samples)
+        check_k(samples, "samples")
         self.check_batch(x, self.config.data_dim)
         widest = max((*self.config.latent_dims, *(w for ws in self.config.hidden for w in ws)))
         rows = max(1, POSTERIOR_MEAN_CHUNK_ELEMENTS // (samples * widest))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import diagonal_normal_log_prob
+from .base import choose, diagonal_normal_log_prob, noise_log_prob, standard_normal_log_prob_from_square_
 
 # Name -> activation module; configs name one of these keys.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU}
@@ -17,13 +17,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "so
 
 def mlp(sizes: Sequence[int], activation: str, *, final_activation: bool = True) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (and after the last if asked)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choices: {', '.join(sorted(ACTIVATIONS))}")
+    make_activation = choose("activation", activation, ACTIVATIONS)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         if final_activation or i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(make_activation())
     return nn.Sequential(*layers)
 
 
@@ -49,8 +48,7 @@ def reparameterize(mean: Tensor, log_std: Tensor, k: int | None) -> tuple[Tensor
     shape = mean.shape if k is None else (k, *mean.shape)
     eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
     z = mean + eps * torch.exp(log_std)
-    log_q = -0.5 * (eps.pow(2).sum(-1) + mean.shape[-1] * math.log(2 * math.pi)) - log_std.sum(-1)
-    return z, log_q
+    return z, noise_log_prob(eps, log_std.sum(-1))
 
 
 class BernoulliLikelihood(nn.Module):
@@ -265,9 +263,8 @@ class GaussianBernoulliDraws:
             torch.linalg.vector_norm(eps, dim=-1, out=eps_sq[start:stop]).square_()
             torch.linalg.vector_norm(z, dim=-1, out=z_sq[start:stop]).square_()
             self.decoder.decode_block(z, start, log_lik[start:stop])
-        constant = 0.5 * self.latent * math.log(2 * math.pi)
-        log_prior = z_sq.mul_(-0.5).sub_(constant)
-        log_q = eps_sq.mul_(-0.5).sub_(constant).view(k, batch).sub_(self.log_std_sum)
+        log_prior = standard_normal_log_prob_from_square_(z_sq, self.latent)
+        log_q = standard_normal_log_prob_from_square_(eps_sq, self.latent).view(k, batch).sub_(self.log_std_sum)
         return log_lik.view(k, batch), log_prior.view(k, batch), log_q
 
 
@@ -295,6 +292,4 @@ def fast_bernoulli_decoder(decoder: nn.Sequential, likelihood: nn.Module) -> lis
 
 def make_likelihood(name: str, data_dim: int) -> nn.Module:
     factories = {"bernoulli": lambda: BernoulliLikelihood(), "gaussian": lambda: GaussianLikelihood(data_dim)}
-    if name not in factories:
-        raise ValueError(f"unknown likelihood {name!r}; choices: {', '.join(sorted(factories))}")
-    return factories[name]()
+    return choose("likelihood", name, factories)()

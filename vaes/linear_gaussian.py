@@ -16,10 +16,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, check_k, standard_normal_log_prob
+from .base import (
+    LOG_2PI,
+    LatentVariableModel,
+    LogWeights,
+    ModelStructure,
+    Objective,
+    check_k,
+    choose,
+    noise_log_prob,
+    standard_normal_log_prob,
+)
 from .registry import register_model
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,7 @@ class LinearGaussianConfig:
             raise ValueError(f"need 1 <= latent_dim <= data_dim, got {self.latent_dim} and {self.data_dim}")
         if self.likelihood != "gaussian":
             raise ValueError(f"linear-gaussian models real-valued data only (likelihood 'gaussian'), got {self.likelihood!r}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; choices: {', '.join(sorted(ENCODERS))}")
+        choose("encoder", self.encoder, ENCODERS)
 
 
 class ExactPosterior(nn.Module):
@@ -82,21 +89,20 @@ class LinearGaussian(LatentVariableModel):
     def sigma2(self) -> Tensor:
         return torch.exp(2 * self.log_sigma)
 
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q(z | x) as (mean [B, q], scale_tril [q, q])."""
         self.check_batch(x, self.config.data_dim)
         return self.encoder(self, x)
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         check_k(k)
-        mean, scale_tril = self.posterior(x)
+        mean, scale_tril = self.encode(x)
         eps = torch.randn((k, *mean.shape), dtype=mean.dtype, device=mean.device)  # [K, B, q]
         z = mean + eps @ scale_tril.T
-        q = mean.shape[-1]
-        log_q = -0.5 * (eps.pow(2).sum(-1) + q * _LOG_2PI) - torch.log(torch.diagonal(scale_tril)).sum()
+        log_q = noise_log_prob(eps, torch.log(torch.diagonal(scale_tril)).sum())
         residual = x - (z @ self.weight.T + self.mu)  # [K, B, d]
         d = x.shape[-1]
-        log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (_LOG_2PI + 2 * self.log_sigma))
+        log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (LOG_2PI + 2 * self.log_sigma))
         return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
 
     def structure(self) -> ModelStructure:
@@ -104,7 +110,7 @@ class LinearGaussian(LatentVariableModel):
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         """KL(N(m, L L^T) || N(0, I)) = 1/2 [tr(L L^T) + |m|^2 - q - log det(L L^T)]."""
-        mean, scale_tril = self.posterior(x)
+        mean, scale_tril = self.encode(x)
         q = mean.shape[-1]
         trace = scale_tril.pow(2).sum()
         log_det = 2 * torch.log(torch.diagonal(scale_tril)).sum()
@@ -129,7 +135,7 @@ class LinearGaussian(LatentVariableModel):
         white = torch.linalg.solve_triangular(chol, (x - self.mu).T, upper=False)  # [d, B]
         d = x.shape[-1]
         log_det = 2 * torch.log(torch.diagonal(chol)).sum()
-        return -0.5 * (white.pow(2).sum(0) + log_det + d * _LOG_2PI)
+        return -0.5 * (white.pow(2).sum(0) + log_det + d * LOG_2PI)
 
     @torch.no_grad()
     def fit_maximum_likelihood(self, data: Tensor) -> "LinearGaussian":
