@@ -1,4 +1,8 @@
-"""Draws in chunks of K, the chunk chosen from a memory budget rather than hard-coded."""
+"""Draws in chunks of K, the chunk chosen from a memory budget rather than hard-coded.
+
+The chunk sets only how much is held at once, never which draws are made: each draw's noise
+comes from its own generator (``vaes.draws``), so the same seed gives the same values at any
+chunk or budget (up to the rounding of matrix products whose kernel depends on their size)."""
 from __future__ import annotations
 
 import math

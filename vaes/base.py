@@ -18,6 +18,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from .draws import chunk_noise, draw_seed
+
 
 @dataclass(frozen=True)
 class LogWeights:
@@ -55,6 +57,14 @@ class LogWeights:
         for name in self.log_prior:
             total = total - self.layer_kl(name)
         return total
+
+    @staticmethod
+    def cat(parts: Sequence[LogWeights]) -> LogWeights:
+        """The draws of ``parts`` one after the other, [sum K, B]."""
+        layers = parts[0].layers
+        return LogWeights(torch.cat([part.log_likelihood for part in parts]),
+                          {name: torch.cat([part.log_prior[name] for part in parts]) for name in layers},
+                          {name: torch.cat([part.log_posterior[name] for part in parts]) for name in layers})
 
 
 @dataclass(frozen=True)
@@ -183,18 +193,36 @@ class LatentVariableModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not declare its structure")
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        """K reparameterized posterior draws for each of the B rows of x."""
-        raise NotImplementedError
+        """K reparameterized posterior draws for each of the B rows of x.
+
+        A model implements this or ``log_weight_chunks``; by default it is the one chunk of K draws."""
+        check_k(k)
+        if type(self).log_weight_chunks is LatentVariableModel.log_weight_chunks:
+            raise NotImplementedError(f"{type(self).__name__} implements neither log_weights nor log_weight_chunks")
+        (log_weights,) = self.log_weight_chunks(x, [k])
+        return log_weights
 
     def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
-        """``LogWeights`` for successive chunks of ``sizes[i]`` draws: the same draws, in the same
-        order, as calling ``log_weights(x, k)`` for each k of ``sizes`` in turn.
+        """``LogWeights`` for successive chunks of ``sizes[i]`` draws, whose values do not depend on
+        ``sizes``: draw j's noise comes from a generator of its own (``vaes.draws``), seeded from one seed
+        taken from torch's global generator when the first chunk is asked for.
 
-        Estimators draw a large K this way. Models override it to do the work that depends
-        only on x (the encoder, the decoder's projection of x) once for all chunks.
+        Estimators draw K this way. Models override it to draw a chunk at once with ``chunk_noise``
+        and to do the work that depends only on x (the encoder, the decoder's projection of x) once
+        for all chunks. This default makes each draw alone, ``log_weights(x, 1)`` with torch's global
+        generator seeded for that draw (and restored after), so a model that has only
+        ``log_weights`` gets the same property, one call per draw.
         """
-        for k in sizes:
-            yield self.log_weights(x, k)
+        cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+        for noise in chunk_noise(sizes, x.device):
+            parts = []
+            with torch.random.fork_rng(devices=cuda):
+                for draw in range(noise.first, noise.first + noise.count):
+                    torch.random.default_generator.manual_seed(draw_seed(noise.seed, draw))
+                    if cuda:
+                        torch.cuda.manual_seed(draw_seed(noise.seed, draw))
+                    parts.append(self.log_weights(x, 1))
+            yield LogWeights.cat(parts)
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor] | None:
         """Closed-form KL(q(z_l | x) || p(z_l)) per layer, [B] each; None where not closed form."""

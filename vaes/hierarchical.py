@@ -25,7 +25,9 @@ from .layers import (
     mlp,
     prepare_decoder_log_prob,
     reparameterize,
+    reparameterize_noise,
 )
+from .draws import DrawNoise, chunk_noise
 from .registry import register_model
 
 # Draws of the lower layers averaged in posterior_means for layers >= 2: the Monte
@@ -150,14 +152,17 @@ class HierarchicalVAE(LatentVariableModel):
         """K draws of z_1..z_L from q; the first encoder pass runs once per example, the rest per draw."""
         check_k(k)
         self.check_batch(x, self.config.data_dim)
-        return self._draw_posterior(self.up[0](x), k)
+        (noise,) = chunk_noise([k], x.device)
+        return self._draw_posterior(self.up[0](x), noise)
 
-    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], k: int) -> PosteriorDraws:
-        """K draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
-        z, log_q = reparameterize(*first_layer, k)  # [K, B, n_1], [K, B]
+    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], noise: DrawNoise) -> PosteriorDraws:
+        """The chunk's draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
+        mean, log_std = first_layer
+        z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape, mean.dtype))  # [K, B, n_1], [K, B]
         draws, log_posterior = {self.layers[0]: z}, {self.layers[0]: log_q}
         for name, conditional in zip(self.layers[1:], self.up[1:]):
-            z, log_q = reparameterize(*conditional(z), None)  # [K, B, n_l], [K, B]
+            mean, log_std = conditional(z)  # [K, B, n_l]
+            z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape[1:], mean.dtype))
             draws[name], log_posterior[name] = z, log_q
         return PosteriorDraws(draws, log_posterior)
 
@@ -169,17 +174,12 @@ class HierarchicalVAE(LatentVariableModel):
         log_prior[self.layers[-1]] = standard_normal_log_prob(zs[-1])
         return {name: log_prior[name] for name in self.layers}
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        (log_weights,) = self.log_weight_chunks(x, [k])
-        return log_weights
-
     def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         self.check_batch(x, self.config.data_dim)
         first_layer = self.up[0](x)  # once per example, for every chunk of draws
         log_likelihood_of = prepare_decoder_log_prob(self.decoder, self.likelihood, x, max(sizes))
-        for k in sizes:
-            draws = self._draw_posterior(first_layer, k)
+        for noise in chunk_noise(sizes, x.device):
+            draws = self._draw_posterior(first_layer, noise)
             yield LogWeights(log_likelihood_of(draws.z[self.layers[0]]), self._log_priors(draws.z),
                              draws.log_posterior)
 

@@ -11,6 +11,7 @@ on x, so nothing is lost by that).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +23,11 @@ from .base import (
     LogWeights,
     ModelStructure,
     Objective,
-    check_k,
     choose,
     noise_log_prob,
     standard_normal_log_prob,
 )
+from .draws import chunk_noise
 from .registry import register_model
 
 
@@ -94,10 +95,13 @@ class LinearGaussian(LatentVariableModel):
         self.check_batch(x, self.config.data_dim)
         return self.encoder(self, x)
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         mean, scale_tril = self.encode(x)
-        eps = torch.randn((k, *mean.shape), dtype=mean.dtype, device=mean.device)  # [K, B, q]
+        for noise in chunk_noise(sizes, x.device):
+            yield self._log_weights_of_noise(x, mean, scale_tril, noise.normal(mean.shape, mean.dtype))
+
+    def _log_weights_of_noise(self, x: Tensor, mean: Tensor, scale_tril: Tensor, eps: Tensor) -> LogWeights:
+        """Log weights of z = mean + L eps for standard noise eps [K, B, q]."""
         z = mean + eps @ scale_tril.T
         log_q = noise_log_prob(eps, torch.log(torch.diagonal(scale_tril)).sum())
         residual = x - (z @ self.weight.T + self.mu)  # [K, B, d]

@@ -23,7 +23,7 @@ Decoders p(x | z_0), both without parameters:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,7 @@ from .base import (
     noise_log_prob,
     standard_normal_log_prob,
 )
+from .draws import DrawNoise, chunk_noise
 from .layers import BernoulliLikelihood, mlp
 from .registry import register_model
 from .schedules import SCHEDULES, NoiseSchedule, alpha_sigma_squared
@@ -222,15 +223,19 @@ class DiffusionModel(LatentVariableModel):
         self.check_batch(x, self.config.data_dim)
         return self.coding.to_signal(x.double())
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         y = self._signal(x)  # [B, D]
+        for source in chunk_noise(sizes, y.device):
+            yield self._trajectory_log_weights(x, y, source)
+
+    def _trajectory_log_weights(self, x: Tensor, y: Tensor, source: DrawNoise) -> LogWeights:
+        """Log weights of the chunk's whole trajectories z_1, ..., z_0, their noise from ``source``."""
         n = self.trajectory_steps
         times = torch.arange(n + 1, dtype=torch.float64, device=y.device) / n
         gammas = self.schedule.gamma(times)  # [n + 1]
         alpha2, sigma2 = alpha_sigma_squared(gammas)
         alpha, log_sigma = torch.sqrt(alpha2), torch.log(sigma2) / 2
-        eps = torch.randn((k, *y.shape), dtype=torch.float64, device=y.device)
+        eps = source.normal(y.shape, torch.float64)
         z = alpha[n] * y + torch.exp(log_sigma[n]) * eps  # z_1 ~ q(z_1 | x), [K, B, D]
         log_prior = {self.layers[0]: standard_normal_log_prob(z)}
         log_posterior = {self.layers[0]: noise_log_prob(eps, y.shape[-1] * log_sigma[n])}
@@ -244,7 +249,7 @@ class DiffusionModel(LatentVariableModel):
             eps_hat = self.denoiser(z, times[i].expand(rows), gammas[i].expand(rows))
             ratio = alpha[i - 1] / alpha[i]
             log_std = log_sigma[i - 1] + torch.log(c) / 2
-            noise = torch.randn_like(z)
+            noise = source.normal(y.shape, torch.float64)
             mean_shift = ratio * sigma_t * c * (eps_hat - eps_true) / torch.exp(log_std)  # (mean_q - mean_p) / std
             z = ratio * (z - sigma_t * c * eps_true) + torch.exp(log_std) * noise
             name = f"z{i - 1}"
