@@ -2,6 +2,7 @@
 from .bounds import OBJECTIVES, elbo, iwae, training_objective
 from .chunking import choose_chunk, memory_budget_bytes
 from .diagnostics import ACTIVE_UNIT_THRESHOLD, active_units
+from .diffusion import diffusion_elbo
 from .estimate import Estimate
 from .kl import kl_terms
 from .marginal import LOG_MARGINAL_METHODS, log_marginal
@@ -13,6 +14,7 @@ __all__ = [
     "Estimate",
     "active_units",
     "choose_chunk",
+    "diffusion_elbo",
     "elbo",
     "iwae",
     "kl_terms",

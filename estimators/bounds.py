@@ -13,9 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from vaes.base import LatentVariableModel, Objective, check_k
+from vaes.base import DIFFUSION_TERMS, LatentVariableModel, Objective, check_k, choose
 
-from .chunking import draw_chunks
+from .chunking import check_chunk, draw_chunks
+from .diffusion import reduce_diffusion_draws
 from .estimate import Estimate, RunningLogMeanExp, RunningMoments, replicate_mean
 from .psis import RunningParetoKhat
 
@@ -41,7 +42,8 @@ def elbo(model: LatentVariableModel, x: Tensor, *, samples: int = 1, analytic_kl
     nothing: R replicates of S draws are R*S iid draws, so ask for more samples instead.
     Terms: ``reconstruction``, ``kl`` (total) and ``kl/<layer>``, each [B].
     """
-    check_k(samples)
+    check_k(samples, "samples")
+    check_chunk(chunk)
     with torch.inference_mode():
         closed_kl = _closed_form_kl(model, x, model.layers) if analytic_kl else None
         bound, recon = RunningMoments(), RunningMoments()
@@ -83,8 +85,15 @@ def iwae(model: LatentVariableModel, x: Tensor, *, k: int, replicates: int = 1, 
     0.7 the value and its errors are unreliable).
     """
     check_k(k)
+    check_chunk(chunk)
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
         raise ValueError(f"replicates must be an integer >= 1, got {replicates!r}")
+    return iwae_of_checked_k(model, x, k, chunk, replicates)
+
+
+def iwae_of_checked_k(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None,
+                      replicates: int = 1) -> Estimate:
+    """``iwae`` for a K, chunk and number of replicates that the caller has checked."""
     with torch.inference_mode():
         per_replicate = RunningLogMeanExp(groups=replicates, group_size=k)
         tail = RunningParetoKhat(replicates * k)
@@ -129,11 +138,8 @@ def _diffusion_objective(model: LatentVariableModel, x: Tensor, objective: Objec
     Unbiased for the same ELBO as log_weights gives, with far lower variance than one
     whole trajectory, and one network call per draw instead of T.
     """
-    loss_terms = getattr(model, "diffusion_loss_terms", None)
-    if loss_terms is None:
-        raise ValueError(f"objective 'diffusion' needs a model with diffusion_loss_terms; "
-                         f"{type(model).__name__} has none")
-    return loss_terms(x, samples=objective.k).elbo
+    model.require(DIFFUSION_TERMS, "objective 'diffusion'")
+    return reduce_diffusion_draws(model.diffusion_loss_terms(x, samples=objective.k)).value
 
 
 OBJECTIVES: dict[str, Callable[[LatentVariableModel, Tensor, Objective], Tensor]] = {
@@ -147,10 +153,9 @@ OBJECTIVES: dict[str, Callable[[LatentVariableModel, Tensor, Objective], Tensor]
 def training_objective(model: LatentVariableModel, x: Tensor, objective: Objective | None = None) -> Tensor:
     """The per-example surrogate [B] that training maximizes for ``objective`` (the model's own by default)."""
     objective = model.objective if objective is None else objective
-    if objective.name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective.name!r}; choices: {', '.join(sorted(OBJECTIVES))}")
+    surrogate_of = choose("objective", objective.name, OBJECTIVES)
     if objective.name == "elbo" and objective.beta != 1.0:
         raise ValueError("the 'elbo' objective has beta = 1; use 'beta-elbo' to weight the KL")
-    surrogate = OBJECTIVES[objective.name](model, x, objective)
+    surrogate = surrogate_of(model, x, objective)
     assert surrogate.shape == (x.shape[0],), surrogate.shape
     return surrogate

@@ -6,9 +6,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from vaes.base import LatentVariableModel
+from vaes.base import LatentVariableModel, check_k, choose
 
-from .bounds import iwae
+from .bounds import iwae_of_checked_k
+from .chunking import check_chunk
 from .estimate import Estimate
 
 # IWAE paper: log p(x) is reported as the IWAE bound with k = 5000.
@@ -25,7 +26,7 @@ def _exact(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> 
 
 
 def _iwae(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> Estimate:
-    estimate = iwae(model, x, k=k, chunk=chunk)
+    estimate = iwae_of_checked_k(model, x, k, chunk)
     return Estimate(estimate.value, estimate.stderr, estimate.terms, method="iwae")
 
 
@@ -35,14 +36,18 @@ LOG_MARGINAL_METHODS: dict[str, Callable[[LatentVariableModel, Tensor, int, int 
 }
 
 
+def _auto(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> Estimate:
+    """Exact where the model has it, else IWAE."""
+    with torch.inference_mode():
+        has_exact = model.exact_log_marginal(x[:1]) is not None
+    return (_exact if has_exact else _iwae)(model, x, k, chunk)
+
+
 def log_marginal(model: LatentVariableModel, x: Tensor, *, method: str = "auto", k: int = DEFAULT_K,
                  chunk: int | None = None) -> Estimate:
     """log p(x) per example. ``method``: "exact", "iwae" (a lower bound, tight as K grows), or "auto"
     (exact when the model has it, else IWAE with ``k`` draws). ``Estimate.method`` says which was used."""
-    if method == "auto":
-        with torch.inference_mode():
-            method = "exact" if model.exact_log_marginal(x[:1]) is not None else "iwae"
-    if method not in LOG_MARGINAL_METHODS:
-        choices = ", ".join(["auto", *LOG_MARGINAL_METHODS])
-        raise ValueError(f"unknown log-marginal method {method!r}; choices: {choices}")
-    return LOG_MARGINAL_METHODS[method](model, x, k, chunk)
+    estimate_with = choose("log-marginal method", method, {"auto": _auto, **LOG_MARGINAL_METHODS})
+    check_k(k)
+    check_chunk(chunk)
+    return estimate_with(model, x, k, chunk)

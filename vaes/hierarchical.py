@@ -26,6 +26,7 @@ from .base import (
     diagonal_normal_log_prob,
     standard_normal_log_prob,
 )
+from .draws import DrawNoise, chunk_noise
 from .layers import (
     BernoulliLikelihood,
     GaussianHead,
@@ -33,6 +34,7 @@ from .layers import (
     mlp,
     prepare_decoder_log_prob,
     reparameterize,
+    reparameterize_noise,
 )
 from .registry import register_model
 
@@ -91,8 +93,7 @@ class HVAEConfig:
     objective: Objective = field(default_factory=Objective)  # what training maximizes (ELBO unless told)
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise ValueError(f"n_layers must be an integer >= 1, got {self.n_layers!r}")
+        check_k(self.n_layers, "n_layers")
         # TOML and JSON give lists; the hash and equality need tuples, one entry per layer.
         object.__setattr__(self, "latent_dims", _layer_latents(self.latent_dims, self.n_layers))
         object.__setattr__(self, "hidden", _layer_hidden(self.hidden, self.n_layers))
@@ -160,14 +161,17 @@ class HierarchicalVAE(LatentVariableModel):
         """K draws of z_1..z_L from q; the first encoder pass runs once per example, the rest per draw."""
         check_k(k)
         self.check_batch(x, self.config.data_dim)
-        return self._draw_posterior(self.up[0](x), k)
+        (noise,) = chunk_noise([k], x.device)
+        return self._draw_posterior(self.up[0](x), noise)
 
-    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], k: int) -> PosteriorDraws:
-        """K draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
-        z, log_q = reparameterize(*first_layer, k)  # [K, B, n_1], [K, B]
+    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], noise: DrawNoise) -> PosteriorDraws:
+        """The chunk's draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
+        mean, log_std = first_layer
+        z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape, mean.dtype))  # [K, B, n_1], [K, B]
         draws, log_posterior = {self.layers[0]: z}, {self.layers[0]: log_q}
         for name, conditional in zip(self.layers[1:], self.up[1:]):
-            z, log_q = reparameterize(*conditional(z), None)  # [K, B, n_l], [K, B]
+            mean, log_std = conditional(z)  # [K, B, n_l]
+            z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape[1:], mean.dtype))
             draws[name], log_posterior[name] = z, log_q
         return PosteriorDraws(draws, log_posterior)
 
@@ -179,17 +183,12 @@ class HierarchicalVAE(LatentVariableModel):
         log_prior[self.layers[-1]] = standard_normal_log_prob(zs[-1])
         return {name: log_prior[name] for name in self.layers}
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        (log_weights,) = self.log_weight_chunks(x, [k])
-        return log_weights
-
     def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         self.check_batch(x, self.config.data_dim)
         first_layer = self.up[0](x)  # once per example, for every chunk of draws
         log_likelihood_of = prepare_decoder_log_prob(self.decoder, self.likelihood, x, max(sizes))
-        for k in sizes:
-            draws = self._draw_posterior(first_layer, k)
+        for noise in chunk_noise(sizes, x.device):
+            draws = self._draw_posterior(first_layer, noise)
             yield LogWeights(log_likelihood_of(draws.z[self.layers[0]]), self._log_priors(draws.z),
                              draws.log_posterior)
 
@@ -204,7 +203,7 @@ class HierarchicalVAE(LatentVariableModel):
         E_{q(z_{l-1} | x)}[mean of q(z_l | z_{l-1})], a Monte Carlo average over
         ``samples`` draws of the lower layers (random, so it uses the global RNG).
         """
-        check_k(samples)
+        check_k(samples, "samples")
         self.check_batch(x, self.config.data_dim)
         widest = max((*self.config.latent_dims, *(w for ws in self.config.hidden for w in ws)))
         rows = max(1, POSTERIOR_MEAN_CHUNK_ELEMENTS // (samples * widest))

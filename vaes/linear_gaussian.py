@@ -11,15 +11,24 @@ on x, so nothing is lost by that).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, check_k, standard_normal_log_prob
+from .base import (
+    LOG_2PI,
+    LatentVariableModel,
+    LogWeights,
+    ModelStructure,
+    Objective,
+    choose,
+    noise_log_prob,
+    standard_normal_log_prob,
+)
+from .draws import chunk_noise
 from .registry import register_model
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,7 @@ class LinearGaussianConfig:
         if self.likelihood != "gaussian":
             raise ValueError(f"linear-gaussian models real-valued data only (likelihood 'gaussian'), "
                              f"got {self.likelihood!r}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; choices: {', '.join(sorted(ENCODERS))}")
+        choose("encoder", self.encoder, ENCODERS)
 
 
 class ExactPosterior(nn.Module):
@@ -83,21 +91,23 @@ class LinearGaussian(LatentVariableModel):
     def sigma2(self) -> Tensor:
         return torch.exp(2 * self.log_sigma)
 
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q(z | x) as (mean [B, q], scale_tril [q, q])."""
         self.check_batch(x, self.config.data_dim)
         return self.encoder(self, x)
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        mean, scale_tril = self.posterior(x)
-        eps = torch.randn((k, *mean.shape), dtype=mean.dtype, device=mean.device)  # [K, B, q]
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
+        mean, scale_tril = self.encode(x)
+        for noise in chunk_noise(sizes, x.device):
+            yield self._log_weights_of_noise(x, mean, scale_tril, noise.normal(mean.shape, mean.dtype))
+
+    def _log_weights_of_noise(self, x: Tensor, mean: Tensor, scale_tril: Tensor, eps: Tensor) -> LogWeights:
+        """Log weights of z = mean + L eps for standard noise eps [K, B, q]."""
         z = mean + eps @ scale_tril.T
-        q = mean.shape[-1]
-        log_q = -0.5 * (eps.pow(2).sum(-1) + q * _LOG_2PI) - torch.log(torch.diagonal(scale_tril)).sum()
+        log_q = noise_log_prob(eps, torch.log(torch.diagonal(scale_tril)).sum())
         residual = x - (z @ self.weight.T + self.mu)  # [K, B, d]
         d = x.shape[-1]
-        log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (_LOG_2PI + 2 * self.log_sigma))
+        log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (LOG_2PI + 2 * self.log_sigma))
         return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
 
     def structure(self) -> ModelStructure:
@@ -105,7 +115,7 @@ class LinearGaussian(LatentVariableModel):
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         """KL(N(m, L L^T) || N(0, I)) = 1/2 [tr(L L^T) + |m|^2 - q - log det(L L^T)]."""
-        mean, scale_tril = self.posterior(x)
+        mean, scale_tril = self.encode(x)
         q = mean.shape[-1]
         trace = scale_tril.pow(2).sum()
         log_det = 2 * torch.log(torch.diagonal(scale_tril)).sum()
@@ -122,8 +132,8 @@ class LinearGaussian(LatentVariableModel):
     def marginal_covariance(self) -> Tensor:
         """C = W W^T + sigma^2 I, [d, d]."""
         d = self.weight.shape[0]
-        identity = torch.eye(d, dtype=self.weight.dtype, device=self.weight.device)
-        return self.weight @ self.weight.T + self.sigma2 * identity
+        eye = torch.eye(d, dtype=self.weight.dtype, device=self.weight.device)
+        return self.weight @ self.weight.T + self.sigma2 * eye
 
     def exact_log_marginal(self, x: Tensor) -> Tensor:
         self.check_batch(x, self.config.data_dim)
@@ -131,7 +141,7 @@ class LinearGaussian(LatentVariableModel):
         white = torch.linalg.solve_triangular(chol, (x - self.mu).T, upper=False)  # [d, B]
         d = x.shape[-1]
         log_det = 2 * torch.log(torch.diagonal(chol)).sum()
-        return -0.5 * (white.pow(2).sum(0) + log_det + d * _LOG_2PI)
+        return -0.5 * (white.pow(2).sum(0) + log_det + d * LOG_2PI)
 
     @torch.no_grad()
     def fit_maximum_likelihood(self, data: Tensor) -> LinearGaussian:

@@ -17,10 +17,10 @@ from .base import (
     ModelStructure,
     Objective,
     as_objective,
-    check_k,
     diagonal_normal_kl,
     standard_normal_log_prob,
 )
+from .draws import chunk_noise
 from .layers import (
     BernoulliLikelihood,
     GaussianBernoulliDraws,
@@ -28,7 +28,7 @@ from .layers import (
     fast_bernoulli_decoder,
     make_likelihood,
     mlp,
-    reparameterize,
+    reparameterize_noise,
 )
 from .registry import register_model
 
@@ -69,22 +69,18 @@ class MLPVAE(LatentVariableModel):
         self.check_batch(x, self.config.data_dim)
         return self.posterior_head(self.encoder(x))
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        (log_weights,) = self.log_weight_chunks(x, [k])
-        return log_weights
-
     def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         mean, log_std = self.encode(x)  # once per example, for every chunk of draws
         folded = fast_bernoulli_decoder(self.decoder, self.likelihood)
         if folded is not None:  # evaluation: draws made and decoded block by block, same values
             draws = GaussianBernoulliDraws(folded, x, mean, log_std, max(sizes))
-            for k in sizes:
-                log_lik, log_prior, log_q = draws(k)
+            for noise in chunk_noise(sizes, x.device):
+                log_lik, log_prior, log_q = draws(noise)
                 yield LogWeights(log_lik, {"z": log_prior}, {"z": log_q})
             return
-        for k in sizes:
-            z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
+        for noise in chunk_noise(sizes, x.device):
+            # z [K, B, latent], log_q [K, B]
+            z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape, mean.dtype))
             log_lik = self.likelihood.log_prob(x, self.decoder(z))  # [K, B]
             yield LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 import estimators
 from estimators.kl import KL_METHODS
-from vaes.base import LatentVariableModel
+from vaes.base import LatentVariableModel, MissingCapability
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,17 @@ def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: 
 
 
 def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
-    # The model's own loss-based ELBO: L_T in discrete time, L_inf in continuous time (the only estimate of the
-    # continuous-time bound; log_weights always samples a discrete trajectory). Its maths is the model's
-    # DiffusionLossTerms; this only reports its value, never the training surrogate's gradient.
-    loss_terms = getattr(model, "diffusion_loss_terms", None)
-    if loss_terms is None:
-        raise NotApplicable(f"{type(model).__name__} is not a diffusion model (no diffusion_loss_terms)")
-    with torch.inference_mode():
-        terms = loss_terms(x, samples=k)
-    return [Measurement("diffusion_elbo", terms.elbo, terms.stderr, "nats"),
-            Measurement("diffusion_elbo/reconstruction", terms.reconstruction, terms.reconstruction_stderr, "nats"),
-            Measurement("diffusion_elbo/prior", terms.prior, None, "nats"),
-            Measurement("diffusion_elbo/diffusion", terms.diffusion, terms.diffusion_stderr, "nats")]
+    # L_T in discrete time, L_inf in continuous time (the only estimate of the continuous-time bound).
+    try:
+        est = estimators.diffusion_elbo(model, x, samples=k)
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    terms = est.terms
+    return [Measurement("diffusion_elbo", est.value, est.stderr, "nats"),
+            Measurement("diffusion_elbo/reconstruction", terms["reconstruction"], terms.get("reconstruction_stderr"),
+                        "nats"),
+            Measurement("diffusion_elbo/prior", terms["prior"], None, "nats"),
+            Measurement("diffusion_elbo/diffusion", terms["diffusion"], terms.get("diffusion_stderr"), "nats")]
 
 
 def _active_units(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
