@@ -70,7 +70,7 @@ def test_one_layer_equals_mlp_vae_with_copied_weights(likelihood):
     vae = MLPVAE(MLPVAEConfig(data_dim=DATA_DIM, latent_dim=3, hidden=(8, 6), likelihood=likelihood))
     hvae = tiny(1, likelihood=likelihood)
     hvae.up[0].net.load_state_dict(vae.encoder.state_dict())
-    hvae.up[0].head.load_state_dict(vae.posterior.state_dict())
+    hvae.up[0].head.load_state_dict(vae.posterior_head.state_dict())
     hvae.decoder.load_state_dict(vae.decoder.state_dict())
     hvae.likelihood.load_state_dict(vae.likelihood.state_dict())
     x = binary_batch(6) if likelihood == "bernoulli" else torch.randn(6, DATA_DIM)

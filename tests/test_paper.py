@@ -66,7 +66,7 @@ def test_paper_suite_architectures_are_the_papers(paper):
         assert _activations(model) - {type(model.likelihood)} == {nn.Tanh}, spec.label
         if PAPER_MODELS[spec.label][0] == 1:  # 784-200-200-50, mirrored decoder
             assert _linears(model.encoder) == [(784, 200), (200, 200)]
-            assert _linears(model.posterior) == [(200, 50), (200, 50)]  # mean and log sigma
+            assert _linears(model.posterior_head) == [(200, 50), (200, 50)]  # mean and log sigma
             assert _linears(model.decoder) == [(50, 200), (200, 200), (200, 784)]
         else:  # 784-200-200-100 (z1) -100-100-50 (z2), mirrored decoder
             assert _linears(model.up[0]) == [(784, 200), (200, 200), (200, 100), (200, 100)]

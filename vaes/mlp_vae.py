@@ -51,14 +51,14 @@ class MLPVAE(LatentVariableModel):
         self.config = config
         c = config
         self.encoder = mlp((c.data_dim, *c.hidden), c.activation)
-        self.posterior = GaussianHead(c.hidden[-1] if c.hidden else c.data_dim, c.latent_dim)
+        self.posterior_head = GaussianHead(c.hidden[-1] if c.hidden else c.data_dim, c.latent_dim)
         self.decoder = mlp((c.latent_dim, *reversed(c.hidden), c.data_dim), c.activation, final_activation=False)
         self.likelihood = make_likelihood(c.likelihood, c.data_dim)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log sigma of q(z | x), [B, latent_dim] each."""
         self.check_batch(x, self.config.data_dim)
-        return self.posterior(self.encoder(x))
+        return self.posterior_head(self.encoder(x))
 
     def log_weights(self, x: Tensor, k: int) -> LogWeights:
         check_k(k)
