@@ -1,4 +1,5 @@
 """Bounds and diagnostics: pure functions over the model protocol (vaes.base), never a model's family."""
+from .ais import BDMCResult, ais, bdmc
 from .bounds import OBJECTIVES, elbo, iwae, training_objective
 from .chunking import choose_chunk, memory_budget_bytes
 from .diagnostics import ACTIVE_UNIT_THRESHOLD, active_units
@@ -8,8 +9,11 @@ from .marginal import LOG_MARGINAL_METHODS, log_marginal
 
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
+    "BDMCResult",
     "Estimate",
     "active_units",
+    "ais",
+    "bdmc",
     "LOG_MARGINAL_METHODS",
     "OBJECTIVES",
     "choose_chunk",
