@@ -26,6 +26,7 @@ values do not depend on the chunking (up to the rounding of differently sized ma
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,7 +107,7 @@ def ais(model: LatentVariableModel, x: Tensor, *, steps: int, chains: int, leapf
         model.require(POSTERIOR, "ais with init 'posterior'")
     with torch.inference_mode(False):
         x = x.clone() if x.is_inference() else x
-        path = _Path(model, x, init, chains, tune and steps > 1, chunk)
+        path = GeometricPath(model, x, init, chains, tune and steps > 1, chunk)
         z = path.draw_start(generator)
         run = _anneal(path, z, SCHEDULES[schedule](steps), path.step_sizes(step_size), leapfrog, generator)
     return _summarize(run.log_weights[:chains], run.acceptance[:chains] if steps > 1 else None, "ais")
@@ -133,10 +134,10 @@ def bdmc(model: LatentVariableModel, n: int, *, steps: int, chains: int, leapfro
     with torch.inference_mode(False):
         with torch.no_grad():
             x, exact = model.sample_joint(n, generator=generator)
-        path = _Path(model, x, init, chains, tune and steps > 1, chunk)
+        path = GeometricPath(model, x, init, chains, tune and steps > 1, chunk)
         step_sizes = path.step_sizes(step_size, record=True)
         forward = _anneal(path, path.draw_start(generator), betas, step_sizes, leapfrog, generator)
-        reverse_path = _Path(model, x, init, chains, False, chunk)
+        reverse_path = GeometricPath(model, x, init, chains, False, chunk)
         start = reverse_path.flatten({name: z.expand(chains, *z.shape) for name, z in exact.items()})
         reverse = _anneal(reverse_path, start, betas.flip(0), step_sizes.replay(reverse=True), leapfrog, generator)
     transitions = steps > 1
@@ -160,8 +161,9 @@ def _check_settings(steps: object, chains: object, leapfrog: object, schedule: o
 
 # --- the path: p0 and p(x, z) for one batch, evaluated chunk by chunk --------------------------------
 
-class _Path:
-    """log p0(z) and log p(x, z) with their gradients in z for the batch x, on flat states [R, B, n].
+class GeometricPath:
+    """The path's two log densities, log p0(z) and log p(x, z), with their gradients in z for the
+    batch x, on flat states [R, B, n]; calling it is one HMC gradient evaluation.
 
     R = the counted chains, then as many tuning chains when tuning. Parts are [log p0, log p(x, z)],
     so f_beta has coefficients (1 - beta, beta).
@@ -177,7 +179,10 @@ class _Path:
             chunk = max(MIN_CHUNK_ROWS, memory_budget_bytes(x.device) // per_row) // self.rows
         elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"AIS chunk must be an integer >= 1 examples, got {chunk!r}")
-        self.slices = [slice(start, start + max(1, chunk)) for start in range(0, batch, max(1, chunk))]
+        # Chunks of (nearly) equal size: no small remainder chunk far below the efficient row count.
+        count = math.ceil(batch / max(1, chunk))
+        bounds = [round(i * batch / count) for i in range(count + 1)]
+        self.slices = [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
         with torch.no_grad():
             self.start_log_probs = [self._start_log_prob(x[part]) for part in self.slices]
         self.layers, self.widths = model.layers, None
@@ -263,7 +268,7 @@ class _Run:
     acceptance: Tensor  # [R, B] mean acceptance probability over the transitions
 
 
-def _anneal(path: _Path, z: Tensor, betas: Tensor, step_sizes: _StepSizes, leapfrog: int,
+def _anneal(path: GeometricPath, z: Tensor, betas: Tensor, step_sizes: _StepSizes, leapfrog: int,
             generator: torch.Generator | None) -> _Run:
     """Carry the states z [R, B, n] along betas (increasing: forward AIS; decreasing: reverse)."""
     state = path(z)

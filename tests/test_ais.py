@@ -17,7 +17,13 @@ import estimators as E
 import vaes
 from estimators.ais import linear_schedule, sigmoid_schedule
 from estimators.hmc import HMCState, hmc_transition, leapfrog
-from vaes.base import LOG_JOINT, POSTERIOR, SAMPLE_JOINT, LatentVariableModel, MissingCapability
+from vaes.base import (
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    LatentVariableModel,
+    MissingCapability,
+)
 from vaes.latents import DiagonalGaussianPosterior
 from vaes.linear_gaussian import posterior_linear_map
 
@@ -233,15 +239,16 @@ def test_schedules_run_from_zero_to_one_increasing():
 @pytest.mark.parametrize("schedule", ["sigmoid", "linear"])
 def test_ais_matches_the_exact_log_marginal(oracle, init, schedule):
     model = ORACLES[oracle]()
-    x, _ = model.sample_joint(40, generator=generator(1))
+    x, _ = model.sample_joint(30, generator=generator(1))
     exact = model.exact_log_marginal(x).detach()
-    estimate = E.ais(model, x, steps=100, chains=16, init=init, schedule=schedule, generator=generator(2))
+    estimate = E.ais(model, x, steps=100, chains=8, init=init, schedule=schedule, generator=generator(2))
     error = estimate.value - exact
     assert abs(float(error.mean())) < 3 * estimate.mean_stderr(), (float(error.mean()), estimate.mean_stderr())
-    # Per example: an honest error bar covers the truth at 3 SE for (nearly) every one of the 40.
-    assert int((error.abs() < 3 * estimate.stderr).sum()) >= 37
-    assert 0.4 < float(estimate.terms["acceptance"].mean()) < 0.95  # tuned toward 0.65
-    assert estimate.terms["ess"].shape == estimate.terms["log_weight_var"].shape == (40,)
+    # Per example: an honest error bar covers the truth at 3 SE for (nearly) every one of the 30; the
+    # error bar is an upper estimate, so it covers more often than a Gaussian 99.7%, not less.
+    assert int((error.abs() < 3 * estimate.stderr).sum()) >= 27
+    assert 0.5 < float(estimate.terms["acceptance"].mean()) < 0.85  # tuned toward 0.65
+    assert estimate.terms["ess"].shape == estimate.terms["log_weight_var"].shape == (30,)
 
 
 def test_values_do_not_depend_on_the_chunk_of_examples():

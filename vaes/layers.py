@@ -167,27 +167,33 @@ class _BernoulliLogProb(torch.autograd.Function):
     """sum_d x_d l_d - softplus(l_d) over the last dimension, exact for every l, with its gradient
     x - sigmoid(l) written out.
 
-    Forward, as in the blocked decoder: (x - 1/2) l - |l| / 2 + log sigmoid(|l|), the x-term a
-    batched dot product (x is never broadcast to the logits' shape) and the logs taken on group
-    products. Backward is one subtraction and one product. Autograd through log-sigmoid and the
-    dot product instead costs several passes over [..., B, D] and a transposing copy; under HMC,
-    which differentiates this at every leapfrog step, that was most of the time.
+    Forward, as in the blocked decoder: (x - 1/2) l - |l| / 2 + log sigmoid(|l|), with the logs
+    taken on group products, in one [..., B, D] buffer (x is never broadcast into a tensor of its
+    own). Backward is one sigmoid, one subtraction and one product in the output tensor. Autograd
+    through log-sigmoid and a dot product instead costs several passes and fresh [..., B, D]
+    tensors (each a round of page faults on CPU) and a transposing copy; under HMC, which
+    differentiates this at every leapfrog step, that was most of the time.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
-        magnitude = logits.abs()
-        total = torch.einsum("...bd,bd->...b", logits, x - 0.5) - 0.5 * magnitude.sum(-1)
+        buffer = torch.mul(logits, x - 0.5)
+        total = buffer.sum(-1)
+        magnitude = torch.abs(logits, out=buffer)
+        total -= 0.5 * magnitude.sum(-1)
         total += _log_sigmoid_sum_(magnitude.view(-1, magnitude.shape[-1])).view(total.shape)
-        ctx.save_for_backward(torch.sigmoid(logits), x, logits if ctx.needs_input_grad[1] else None)
+        ctx.save_for_backward(logits, x)
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        prob, x, logits = ctx.saved_tensors
+        logits, x = ctx.saved_tensors
         per_element = grad[..., None]
-        grad_logits = torch.sub(x, prob).mul_(per_element) if ctx.needs_input_grad[0] else None
-        grad_x = (per_element * logits).reshape(-1, *x.shape).sum(0) if ctx.needs_input_grad[1] else None
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(logits).sub_(x).mul_(-per_element)  # (x - sigmoid(l)) grad
+        if ctx.needs_input_grad[1]:
+            grad_x = (per_element * logits).reshape(-1, *x.shape).sum(0)
         return grad_logits, grad_x
 
 
