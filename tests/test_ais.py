@@ -36,13 +36,7 @@ SMALL_MODELS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """AIS runs many small tensor operations; on a shared machine two threads make them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # AIS runs many small tensor operations
 
 
 def generator(seed: int) -> torch.Generator:

@@ -12,17 +12,15 @@ test images when ELBO_BENCH_DATA holds binarized_mnist.npz): speed does not depe
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from estimators.ais import GeometricPath
-from vaes import create_model
 
 pytestmark = pytest.mark.bench
 
-N_EXAMPLES, CHAINS = 100, 16
+CHAINS = 16
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,21 +29,6 @@ def _one_thread():
     torch.set_num_threads(int(os.environ.get("ELBO_BENCH_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return create_model("vae").eval()
-
-
-@pytest.fixture(scope="module")
-def x():
-    root = os.environ.get("ELBO_BENCH_DATA")
-    if root and (Path(root) / "binarized_mnist.npz").is_file():
-        from bench.data import load_dataset
-
-        return load_dataset("binarized-mnist", data_dir=root).test[:N_EXAMPLES]
-    return (torch.rand(N_EXAMPLES, 784, generator=torch.Generator().manual_seed(0)) < 0.3).float()
 
 
 def forward_backward_ceiling(model, rows: int):
@@ -67,12 +50,12 @@ def forward_backward_ceiling(model, rows: int):
 
 
 def test_hmc_gradient_evaluation(benchmark, model, x):
-    path = GeometricPath(model, x, "prior", CHAINS, tuning=False, chunk=N_EXAMPLES)
+    path = GeometricPath(model, x, "prior", CHAINS, tuning=False, chunk=len(x))
     z = path.draw_start(torch.Generator().manual_seed(1))
-    benchmark.extra_info.update(rows=CHAINS * N_EXAMPLES, unit="gradient evaluations", threads=torch.get_num_threads())
+    benchmark.extra_info.update(rows=CHAINS * len(x), unit="gradient evaluations", threads=torch.get_num_threads())
     benchmark.pedantic(lambda: path(z), rounds=30, warmup_rounds=3)
 
 
-def test_decoder_forward_backward_matmul_ceiling(benchmark, model):
-    benchmark.extra_info.update(rows=CHAINS * N_EXAMPLES, unit="gradient evaluations", threads=torch.get_num_threads())
-    benchmark.pedantic(forward_backward_ceiling(model, CHAINS * N_EXAMPLES), rounds=30, warmup_rounds=3)
+def test_decoder_forward_backward_matmul_ceiling(benchmark, model, x):
+    benchmark.extra_info.update(rows=CHAINS * len(x), unit="gradient evaluations", threads=torch.get_num_threads())
+    benchmark.pedantic(forward_backward_ceiling(model, CHAINS * len(x)), rounds=30, warmup_rounds=3)
