@@ -68,7 +68,7 @@ def test_matrix_expansion_counts_and_defaults():
     ({"estimators": [{"name": "iwae", "k": 2.5}]}, "estimators[0].k must be an integer, got 2.5"),
     ({"estimators": [{"name": "elbo", "samples": True}]}, "estimators[0].samples must be an integer, got True"),
     ({"estimators": [{"name": "elbo", "k": 3}]}, "estimators[0].k is not a known key; choices: name, n_examples, samples"),
-    ({"estimators": [{"name": "log_marginal", "method": "ais"}]}, "estimators[0].method must be one of auto, exact, iwae"),
+    ({"estimators": [{"name": "log_marginal", "method": "renyi"}]}, "estimators[0].method must be one of auto, exact, iwae, ais"),
     ({"train": {"steps": "many"}}, "train.steps must be an integer, got 'many'"),
     ({"train": {"stepz": 3}}, "train.stepz is not a training setting; choices: steps"),
     ({"eval": {"n_examples": 0}}, "eval.n_examples must be an integer >= 1, got 0"),
