@@ -42,8 +42,8 @@ from .hmc import HMCState, hmc_transition
 
 TARGET_ACCEPTANCE = 0.65  # Wu et al. 2017, after Neal's advice for HMC
 # log step += ADAPT_RATE * (acceptance probability - target) after each tuning transition: a step
-# far too large (acceptance 0) halves in about 4 transitions, one far too small grows 10x in about
-# 20, and the jitter from one trajectory's acceptance stays near +-5% once tuned.
+# far too large (acceptance 0) halves in about 5 transitions, one far too small (acceptance 1) grows
+# 10x in about 33, and the jitter from one trajectory's acceptance stays near +-5% once tuned.
 ADAPT_RATE = 0.2
 DEFAULT_STEP_SIZE = 0.1  # where tuning starts (or the fixed step without tuning); p0 has unit scale
 SIGMOID_RADIUS = 4.0  # Wu et al.'s sigmoid schedule over [-4, 4]
@@ -241,9 +241,10 @@ class _StepSizes:
         self.log_step, self.tuning, self.table, self.reverse = log_step, tuning, table, reverse
         self.recorded: list[Tensor] | None = [] if record else None
 
-    def at(self, t: int, transitions: int) -> Tensor:
+    def at(self, t: int, steps: int) -> Tensor:
+        """The step of the transition after increment t of ``steps`` (it targets f_t, or f_{T-t} in reverse)."""
         if self.table is not None:  # replay: row j - 1 is the step used for f_j, j = 1..T-1
-            return self.table[(transitions - t if self.reverse else t) - 1]
+            return self.table[(steps - t if self.reverse else t) - 1]
         step = torch.exp(self.log_step)
         if self.recorded is not None:
             self.recorded.append(step)
@@ -273,19 +274,19 @@ def _anneal(path: GeometricPath, z: Tensor, betas: Tensor, step_sizes: _StepSize
     """Carry the states z [R, B, n] along betas (increasing: forward AIS; decreasing: reverse)."""
     state = path(z)
     _check_finite(path.model, state)
-    transitions = betas.numel() - 1
+    steps = betas.numel() - 1
     log_w = torch.zeros(state.parts.shape[1:], dtype=torch.float64, device=z.device)
     accept_sum = torch.zeros_like(log_w)
-    for t in range(1, transitions + 1):
+    for t in range(1, steps + 1):
         log_w += float(betas[t] - betas[t - 1]) * (state.parts[1] - state.parts[0]).double()
-        if t == transitions:
+        if t == steps:
             break  # a transition after the last increment would not change the weight
         beta = float(betas[t])
         coef = torch.tensor([1.0 - beta, beta], dtype=z.dtype, device=z.device)
-        state, accept_prob = hmc_transition(state, coef, step_sizes.at(t, transitions), leapfrog, path, generator)
+        state, accept_prob = hmc_transition(state, coef, step_sizes.at(t, steps), leapfrog, path, generator)
         step_sizes.observe(accept_prob)
         accept_sum += accept_prob.double()
-    return _Run(log_w, accept_sum / max(1, transitions - 1))
+    return _Run(log_w, accept_sum / max(1, steps - 1))
 
 
 def _check_finite(model: LatentVariableModel, state: HMCState) -> None:
