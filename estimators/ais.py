@@ -91,7 +91,9 @@ class BDMCResult:
 def ais(model: LatentVariableModel, x: Tensor, *, steps: int, chains: int, leapfrog: int = 10,
         schedule: str = "sigmoid", init: str = "prior", step_size: float = DEFAULT_STEP_SIZE, tune: bool = True,
         chunk: int | None = None, generator: torch.Generator | None = None) -> Estimate:
-    """log p(x) per example by AIS with ``steps`` transitions of ``chains`` chains each; an Estimate over [B].
+    """log p(x) per example by AIS over ``steps`` + 1 distributions (beta_0 = 0 .. beta_T = 1, T = ``steps``,
+    an HMC transition of ``leapfrog`` steps at each of the T - 1 between) with ``chains`` chains per
+    example; an Estimate over [B].
 
     value: log of the mean over chains of the AIS weights (a stochastic lower bound of log p(x)).
     stderr: see ``_summarize``. terms: ``acceptance`` (mean HMC acceptance probability of the counted
