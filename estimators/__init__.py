@@ -1,5 +1,5 @@
 """Bounds and diagnostics: pure functions over the model protocol (vaes.base), never a model's family."""
-from .ais import BDMCResult, ais, bdmc
+from .ais import BDMCResult, ais, bdmc, check_ais_settings
 from .bounds import OBJECTIVES, elbo, iwae, training_objective
 from .chunking import choose_chunk, memory_budget_bytes
 from .diagnostics import ACTIVE_UNIT_THRESHOLD, active_units
@@ -14,6 +14,7 @@ __all__ = [
     "active_units",
     "ais",
     "bdmc",
+    "check_ais_settings",
     "LOG_MARGINAL_METHODS",
     "OBJECTIVES",
     "choose_chunk",

@@ -103,7 +103,7 @@ def ais(model: LatentVariableModel, x: Tensor, *, steps: int, chains: int, leapf
     ``tune``: adapt the step sizes in a tuning round (twice the work); otherwise ``step_size`` throughout.
     ``chunk``: examples evaluated at once (from the memory budget if None); values do not depend on it.
     """
-    _check_settings(steps, chains, leapfrog, schedule, init, step_size)
+    check_ais_settings(steps, chains, leapfrog, schedule, init, step_size)
     model.require(LOG_JOINT, "ais")
     if init == "posterior":
         model.require(POSTERIOR, "ais with init 'posterior'")
@@ -125,7 +125,7 @@ def bdmc(model: LatentVariableModel, n: int, *, steps: int, chains: int, leapfro
     They share their start z, so their spread understates the upper bound's error when few steps
     leave them correlated; the gap is the diagnostic, not that error bar.
     """
-    _check_settings(steps, chains, leapfrog, schedule, init, step_size)
+    check_ais_settings(steps, chains, leapfrog, schedule, init, step_size)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"bdmc needs n >= 1 simulated examples, got {n!r}")
     model.require(LOG_JOINT, "bdmc")
@@ -148,8 +148,9 @@ def bdmc(model: LatentVariableModel, n: int, *, steps: int, chains: int, leapfro
     return BDMCResult(lower, upper, x)
 
 
-def _check_settings(steps: object, chains: object, leapfrog: object, schedule: object, init: object,
-                    step_size: object) -> None:
+def check_ais_settings(steps: object, chains: object, leapfrog: object = 10, schedule: object = "sigmoid",
+                       init: object = "prior", step_size: object = DEFAULT_STEP_SIZE) -> None:
+    """One ValueError naming the first bad setting of ``ais``/``bdmc``: for checking a suite up front."""
     for name, value in (("steps", steps), ("chains", chains), ("leapfrog", leapfrog)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"AIS {name} must be an integer >= 1, got {value!r}")
