@@ -1,4 +1,5 @@
 """Bounds and diagnostics: pure functions over the model protocol (vaes.base), never a model's family."""
+from .ais import BDMCResult, ais, bdmc, check_ais_settings
 from .bounds import OBJECTIVES, elbo, iwae, training_objective
 from .chunking import choose_chunk, memory_budget_bytes
 from .diagnostics import ACTIVE_UNIT_THRESHOLD, active_units
@@ -6,13 +7,18 @@ from .diffusion import diffusion_elbo
 from .estimate import Estimate
 from .kl import kl_terms
 from .marginal import LOG_MARGINAL_METHODS, log_marginal
+from .psis import pareto_khat
 
 __all__ = [
     "ACTIVE_UNIT_THRESHOLD",
     "LOG_MARGINAL_METHODS",
     "OBJECTIVES",
+    "BDMCResult",
     "Estimate",
     "active_units",
+    "ais",
+    "bdmc",
+    "check_ais_settings",
     "choose_chunk",
     "diffusion_elbo",
     "elbo",
@@ -20,5 +26,6 @@ __all__ = [
     "kl_terms",
     "log_marginal",
     "memory_budget_bytes",
+    "pareto_khat",
     "training_objective",
 ]

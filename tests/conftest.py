@@ -35,3 +35,13 @@ def mnist_dir() -> Path:
     if not root or not (Path(root) / "binarized_mnist.npz").is_file():
         pytest.skip("binarized MNIST not found: set ELBO_BENCH_DATA to a folder holding binarized_mnist.npz")
     return Path(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight other test processes for cores.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -115,7 +115,7 @@ def _jsonable(value: object) -> object:
 # --- optional capabilities ---------------------------------------------------------------------------
 # A model lists the ones it implements in ``capabilities``; estimators ask ``model.supports(name)`` (or
 # ``require``), never getattr, and a model without one gives a "not applicable" row.
-LOG_JOINT = "log_joint"  # log_joint(x, z) and sample_prior(n): AIS, BDMC
+LOG_JOINT = "log_joint"  # log_joint(x, z), log_prior(z) and sample_prior(n, batch): AIS, BDMC
 SAMPLE_JOINT = "sample_joint"  # sample_joint(n): BDMC's simulated data with exact posterior samples
 POSTERIOR = "posterior"  # posterior(x) -> Posterior: the AIS start from q, STL, DReG
 DIFFUSION_TERMS = "diffusion_terms"  # diffusion_loss_terms(x, samples) -> DiffusionDraws
@@ -134,8 +134,8 @@ class Posterior(abc.ABC):
     """q(z | x) for one batch x: reparameterized draws and their log density over every layer."""
 
     @abc.abstractmethod
-    def rsample(self, k: int) -> Latents:
-        """K reparameterized draws, each layer [k, B, n_l]."""
+    def rsample(self, k: int, *, generator: torch.Generator | None = None) -> Latents:
+        """K reparameterized draws, each layer [k, B, n_l] (from ``generator``, else the global RNG)."""
 
     @abc.abstractmethod
     def log_prob(self, z: Latents) -> Tensor:
@@ -242,11 +242,15 @@ class LatentVariableModel(nn.Module):
         """log p(x, z), [*S, B], differentiable in z (capability LOG_JOINT)."""
         raise MissingCapability(f"{type(self).__name__} has no log_joint")
 
-    def sample_prior(self, n: int, batch: int) -> Latents:
+    def log_prior(self, z: Latents) -> Tensor:
+        """log p(z) over every layer, [*S, B] (LOG_JOINT): AIS's normalized start distribution."""
+        raise MissingCapability(f"{type(self).__name__} has no log_prior")
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
         """n ancestral draws of z ~ p(z) for each of ``batch`` examples, each layer [n, batch, n_l] (LOG_JOINT)."""
         raise MissingCapability(f"{type(self).__name__} has no sample_prior")
 
-    def sample_joint(self, n: int) -> tuple[Tensor, Latents]:
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
         """n ancestral draws (x, z) ~ p(x, z): x [n, D], each layer of z [n, n_l] (SAMPLE_JOINT).
 
         Each z is an exact posterior sample of its x (BDMC's reverse chain starts there)."""

@@ -65,6 +65,28 @@ class DrawNoise:
         return self.fill_(torch.empty((self.count, *shape), dtype=dtype, device=self.device))
 
 
+@dataclass
+class GeneratorNoise:
+    """Standard normal noise for ``count`` draws from one given generator (a caller that manages its own
+    stream, e.g. AIS with ``generator=``); the same interface as ``DrawNoise``."""
+
+    generator: torch.Generator
+    count: int
+    device: torch.device
+
+    def normal(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        return torch.randn((self.count, *shape), dtype=dtype, device=self.device, generator=self.generator)
+
+
+def draw_noise(k: int, device: torch.device, generator: torch.Generator | None = None) -> DrawNoise | GeneratorNoise:
+    """Noise for one group of k draws: from ``generator`` when given, else the draws an estimate's single
+    chunk of k would get (so a posterior's draws equal ``log_weights``' under the same global seed)."""
+    if generator is not None:
+        return GeneratorNoise(generator, k, torch.device(device))
+    (noise,) = chunk_noise([k], device)
+    return noise
+
+
 def chunk_noise(sizes: Sequence[int], device: torch.device) -> Iterator[DrawNoise]:
     """``DrawNoise`` for successive chunks of ``sizes`` draws, all from one seed taken from torch's
     global generator when the first chunk is asked for."""

@@ -17,16 +17,22 @@ import torch
 from torch import Tensor, nn
 
 from .base import (
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    Latents,
     LatentVariableModel,
     LogWeights,
     ModelStructure,
     Objective,
+    Posterior,
     as_objective,
     check_k,
     diagonal_normal_log_prob,
     standard_normal_log_prob,
 )
-from .draws import DrawNoise, chunk_noise
+from .draws import DrawNoise, GeneratorNoise, chunk_noise, draw_noise
+from .latents import gaussian_draw
 from .layers import (
     BernoulliLikelihood,
     GaussianHead,
@@ -137,6 +143,8 @@ class HierarchicalVAE(LatentVariableModel):
     """Markovian hierarchical VAE: Gaussian q(z_1 | x), q(z_{l+1} | z_l); p(z_L) = N(0, I),
     Gaussian p(z_l | z_{l+1})."""
 
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
+
     def __init__(self, config: HVAEConfig):
         super().__init__()
         self.config = config
@@ -164,7 +172,7 @@ class HierarchicalVAE(LatentVariableModel):
         (noise,) = chunk_noise([k], x.device)
         return self._draw_posterior(self.up[0](x), noise)
 
-    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], noise: DrawNoise) -> PosteriorDraws:
+    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], noise: DrawNoise | GeneratorNoise) -> PosteriorDraws:
         """The chunk's draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
         mean, log_std = first_layer
         z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape, mean.dtype))  # [K, B, n_1], [K, B]
@@ -237,6 +245,57 @@ class HierarchicalVAE(LatentVariableModel):
             return x.shape[0] * x.element_size() * (2 * upper + per_layer + 8)
         widest = max((c.data_dim, *(w for ws in c.hidden for w in ws)))
         return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest + per_layer)
+
+    # --- capabilities: log p(x, z) over every layer, ancestral draws, q(z | x) ----------------------
+
+    def log_prior(self, z: Latents) -> Tensor:
+        return sum(self._log_priors(z).values())
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.log_prior(z) + self.likelihood.log_prob(x, self.decoder(z[self.layers[0]]))
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
+        return self._draw_prior((n, batch), generator)
+
+    def _draw_prior(self, leading: tuple[int, ...], generator: torch.Generator | None) -> Latents:
+        """Ancestral draws z_L ~ N(0, I), then z_l ~ p(z_l | z_{l+1}); each layer [*leading, n_l]."""
+        weight = self.decoder[0].weight
+        z = torch.randn(*leading, self.config.latent_dims[-1], dtype=weight.dtype, device=weight.device,
+                        generator=generator)
+        draws = {self.layers[-1]: z}
+        for l in range(self.config.n_layers - 1, 0, -1):  # down[l - 1] is p(z_l | z_{l+1})
+            z = gaussian_draw(*self.down[l - 1](z), None, generator)
+            draws[self.layers[l - 1]] = z
+        return {name: draws[name] for name in self.layers}
+
+    @torch.no_grad()
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
+        z = self._draw_prior((n,), generator)
+        return self.likelihood.sample(self.decoder(z[self.layers[0]]), generator), z
+
+    def posterior(self, x: Tensor) -> AncestralPosterior:
+        self.check_batch(x, self.config.data_dim)
+        return AncestralPosterior(self, self.up[0](x))
+
+
+class AncestralPosterior(Posterior):
+    """q(z | x) = q(z_1 | x) prod_l q(z_{l+1} | z_l): drawn layer by layer, its density summed over layers."""
+
+    def __init__(self, model: HierarchicalVAE, first_layer: tuple[Tensor, Tensor]):
+        self.model, self.first_layer = model, first_layer  # mean and log sigma of q(z_1 | x), [B, n_1] each
+
+    def rsample(self, k: int, *, generator: torch.Generator | None = None) -> Latents:
+        # The draws of log_weights under the same seed: layer 1, then each layer above it.
+        noise = draw_noise(k, self.first_layer[0].device, generator)
+        return self.model._draw_posterior(self.first_layer, noise).z
+
+    def log_prob(self, z: Latents) -> Tensor:
+        layers = self.model.layers
+        total = diagonal_normal_log_prob(z[layers[0]], *self.first_layer)
+        for below, name, conditional in zip(layers[:-1], layers[1:], self.model.up[1:]):
+            total = total + diagonal_normal_log_prob(z[name], *conditional(z[below]))
+        return total
 
 
 @register_model("hvae")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .base import choose, diagonal_normal_log_prob, noise_log_prob, standard_normal_log_prob_from_square_
 from .draws import DrawNoise
@@ -60,15 +59,15 @@ class BernoulliLikelihood(nn.Module):
     """p(x | z) = prod_d Bernoulli(x_d; sigmoid(logit_d)); the decoder outputs one logit per dimension."""
 
     def log_prob(self, x: Tensor, logits: Tensor) -> Tensor:
-        # sum_d x_d l_d - softplus(l_d); x is [B, D], logits [..., B, D]. The x-term is a
-        # batched dot product, so x is never broadcast to the logits' shape. softplus(l) is
-        # written -log sigmoid(-l), exact for every l (F.softplus returns l itself past l = 20,
-        # an error of e^-20 per element that float64 can see).
-        x_term = torch.einsum("...bd,bd->...b", logits, x)
-        return x_term + F.logsigmoid(-logits).sum(-1)
+        """sum_d x_d l_d - softplus(l_d), [..., B], for x [B, D] and logits [..., B, D]."""
+        return _BernoulliLogProb.apply(logits, x)
 
     def mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x ~ p(x | z), same shape as the logits."""
+        return torch.bernoulli(torch.sigmoid(logits), generator=generator)
 
 
 class GaussianLikelihood(nn.Module):
@@ -83,6 +82,11 @@ class GaussianLikelihood(nn.Module):
 
     def mean(self, decoder_output: Tensor) -> Tensor:
         return decoder_output
+
+    def sample(self, mean: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x ~ p(x | z), same shape as the decoder's mean."""
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        return mean + torch.exp(self.log_std) * noise
 
 
 # --- fast evaluation of an MLP decoder with a Bernoulli likelihood (no autograd) --------------------
@@ -159,6 +163,40 @@ def _tile_rows(per_example: Tensor, block: int) -> Tensor:
     r % B, so the rows of any block starting at ``start`` are ``tiled[start % B:][:n]``."""
     reps = math.ceil(block / per_example.shape[0]) + 1
     return per_example.repeat(reps, *([1] * (per_example.dim() - 1)))
+
+
+class _BernoulliLogProb(torch.autograd.Function):
+    """sum_d x_d l_d - softplus(l_d) over the last dimension, exact for every l, with its gradient
+    x - sigmoid(l) written out.
+
+    Forward, as in the blocked decoder: (x - 1/2) l - |l| / 2 + log sigmoid(|l|), with the logs
+    taken on group products, in one [..., B, D] buffer (x is never broadcast into a tensor of its
+    own). Backward is one sigmoid, one subtraction and one product in the output tensor. Autograd
+    through log-sigmoid and a dot product instead costs several passes and fresh [..., B, D]
+    tensors (each a round of page faults on CPU) and a transposing copy; under HMC, which
+    differentiates this at every leapfrog step, that was most of the time.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+        buffer = torch.mul(logits, x - 0.5)
+        total = buffer.sum(-1)
+        magnitude = torch.abs(logits, out=buffer)
+        total -= 0.5 * magnitude.sum(-1)
+        total += _log_sigmoid_sum_(magnitude.view(-1, magnitude.shape[-1])).view(total.shape)
+        ctx.save_for_backward(logits, x)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        logits, x = ctx.saved_tensors
+        per_element = grad[..., None]
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(logits).sub_(x).mul_(-per_element)  # (x - sigmoid(l)) grad
+        if ctx.needs_input_grad[1]:
+            grad_x = (per_element * logits).reshape(-1, *x.shape).sum(0)
+        return grad_logits, grad_x
 
 
 def _log_sigmoid_sum_(a: Tensor) -> Tensor:

@@ -19,15 +19,20 @@ from torch import Tensor, nn
 
 from .base import (
     LOG_2PI,
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    Latents,
     LatentVariableModel,
     LogWeights,
     ModelStructure,
     Objective,
+    Posterior,
     choose,
     noise_log_prob,
     standard_normal_log_prob,
 )
-from .draws import chunk_noise
+from .draws import chunk_noise, draw_noise
 from .registry import register_model
 
 
@@ -76,6 +81,7 @@ ENCODERS: dict[str, type[nn.Module]] = {"exact": ExactPosterior, "amortized": Am
 
 class LinearGaussian(LatentVariableModel):
     layers = ("z",)
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
 
     def __init__(self, config: LinearGaussianConfig):
         super().__init__()
@@ -105,10 +111,13 @@ class LinearGaussian(LatentVariableModel):
         """Log weights of z = mean + L eps for standard noise eps [K, B, q]."""
         z = mean + eps @ scale_tril.T
         log_q = noise_log_prob(eps, torch.log(torch.diagonal(scale_tril)).sum())
-        residual = x - (z @ self.weight.T + self.mu)  # [K, B, d]
+        return LogWeights(self._log_likelihood(x, z), {"z": standard_normal_log_prob(z)}, {"z": log_q})
+
+    def _log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """log N(x; W z + mu, sigma^2 I) for z [*S, B, q], [*S, B]."""
+        residual = x - (z @ self.weight.T + self.mu)  # [*S, B, d]
         d = x.shape[-1]
-        log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (LOG_2PI + 2 * self.log_sigma))
-        return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
+        return -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (LOG_2PI + 2 * self.log_sigma))
 
     def structure(self) -> ModelStructure:
         return ModelStructure("linear-gaussian", latent_layers=1, data_dim=self.config.data_dim, likelihood="gaussian")
@@ -124,10 +133,7 @@ class LinearGaussian(LatentVariableModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """n draws of x from the model, [n, d]: z ~ N(0, I), x = W z + mu + sigma eps."""
-        dtype = self.weight.dtype
-        z = torch.randn(n, self.config.latent_dim, dtype=dtype, generator=generator)
-        eps = torch.randn(n, self.config.data_dim, dtype=dtype, generator=generator)
-        return z @ self.weight.T + self.mu + torch.exp(self.log_sigma) * eps
+        return self.sample_joint(n, generator=generator)[0]
 
     def marginal_covariance(self) -> Tensor:
         """C = W W^T + sigma^2 I, [d, d]."""
@@ -176,6 +182,47 @@ class LinearGaussian(LatentVariableModel):
         self.encoder.proj.copy_(mean_map)
         self.encoder.shift.zero_()
         self.encoder.log_std.copy_(torch.log(torch.diagonal(scale_tril)))
+
+    # --- capabilities: log p(x, z), ancestral draws, q(z | x) -------------------------------------
+
+    def log_prior(self, z: Latents) -> Tensor:
+        return standard_normal_log_prob(z["z"])
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.log_prior(z) + self._log_likelihood(x, z["z"])
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
+        w = self.weight
+        return {"z": torch.randn(n, batch, self.config.latent_dim, dtype=w.dtype, device=w.device, generator=generator)}
+
+    @torch.no_grad()
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
+        """z ~ N(0, I), x = W z + mu + sigma eps: x [n, d], z [n, q]."""
+        w = self.weight
+        z = torch.randn(n, self.config.latent_dim, dtype=w.dtype, device=w.device, generator=generator)
+        eps = torch.randn(n, self.config.data_dim, dtype=w.dtype, device=w.device, generator=generator)
+        return z @ w.T + self.mu + torch.exp(self.log_sigma) * eps, {"z": z}
+
+    def posterior(self, x: Tensor) -> LinearGaussianPosterior:
+        return LinearGaussianPosterior(*self.encode(x))
+
+
+class LinearGaussianPosterior(Posterior):
+    """q(z | x) = N(mean, L L^T): mean [B, q], one lower-triangular scale L [q, q] for every example."""
+
+    def __init__(self, mean: Tensor, scale_tril: Tensor):
+        self.mean, self.scale_tril = mean, scale_tril
+
+    def rsample(self, k: int, *, generator: torch.Generator | None = None) -> Latents:
+        # The same draws as log_weights under the same seed: z = mean + eps L^T.
+        eps = draw_noise(k, self.mean.device, generator).normal(self.mean.shape, self.mean.dtype)
+        return {"z": self.mean + eps @ self.scale_tril.T}
+
+    def log_prob(self, z: Latents) -> Tensor:
+        # eps = (z - mean) L^-T, and log N = log N(eps; 0, I) - log det L.
+        eps = torch.linalg.solve_triangular(self.scale_tril.T, z["z"] - self.mean, upper=True, left=False)
+        return standard_normal_log_prob(eps) - torch.log(torch.diagonal(self.scale_tril)).sum()
 
 
 def posterior_linear_map(model: LinearGaussian) -> tuple[Tensor, Tensor]:

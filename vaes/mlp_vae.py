@@ -12,6 +12,10 @@ import torch
 from torch import Tensor
 
 from .base import (
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    Latents,
     LatentVariableModel,
     LogWeights,
     ModelStructure,
@@ -21,6 +25,7 @@ from .base import (
     standard_normal_log_prob,
 )
 from .draws import chunk_noise
+from .latents import DiagonalGaussianPosterior
 from .layers import (
     BernoulliLikelihood,
     GaussianBernoulliDraws,
@@ -54,6 +59,7 @@ class MLPVAE(LatentVariableModel):
     """x -> hidden -> (mean, log sigma) of z; z -> mirrored hidden -> likelihood parameters of x."""
 
     layers = ("z",)
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
 
     def __init__(self, config: MLPVAEConfig):
         super().__init__()
@@ -110,6 +116,28 @@ class MLPVAE(LatentVariableModel):
             return x.shape[0] * x.element_size() * 12
         widest = max((*c.hidden, c.data_dim))
         return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest)
+
+    # --- capabilities: log p(x, z), ancestral draws, q(z | x) -------------------------------------
+
+    def log_prior(self, z: Latents) -> Tensor:
+        return standard_normal_log_prob(z["z"])
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.log_prior(z) + self.likelihood.log_prob(x, self.decoder(z["z"]))
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
+        weight = self.decoder[0].weight
+        return {"z": torch.randn(n, batch, self.config.latent_dim, dtype=weight.dtype, device=weight.device,
+                                 generator=generator)}
+
+    @torch.no_grad()
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
+        z = self.sample_prior(n, 1, generator=generator)["z"][:, 0]  # [n, latent]
+        return self.likelihood.sample(self.decoder(z), generator), {"z": z}
+
+    def posterior(self, x: Tensor) -> DiagonalGaussianPosterior:
+        return DiagonalGaussianPosterior("z", *self.encode(x))
 
 
 @register_model("vae")

@@ -192,6 +192,13 @@ class DiffusionModel(LatentVariableModel):
 
     The learned ``vdm`` plugs in an MLP; ``vdm-oracle`` the closed-form optimal denoiser.
     Stochastic quantities are float64 (the schedule's small steps need it).
+
+    Neither declares LOG_JOINT, SAMPLE_JOINT or POSTERIOR, so AIS and BDMC give not-applicable
+    rows. The latent is the whole trajectory z_0..z_T, (T + 1) x D numbers (1001 x 784 on MNIST
+    at T = 1000); log p(x, z) costs T denoiser calls, and so does every leapfrog gradient; and
+    the continuous-time model has no finite trajectory at all. The IWAE bound over trajectories
+    (``log_weights``) is the available reference. For ``vdm-oracle`` log p(x) is closed form
+    (``exact_log_marginal``), so it needs no sampling reference.
     """
 
     capabilities = frozenset({DIFFUSION_TERMS})
