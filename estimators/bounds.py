@@ -7,7 +7,6 @@ Only values are ever reported.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -18,6 +17,14 @@ from vaes.base import DIFFUSION_TERMS, LatentVariableModel, Objective, check_k, 
 from .chunking import check_chunk, draw_chunks
 from .diffusion import reduce_diffusion_draws
 from .estimate import Estimate, RunningLogMeanExp, RunningMoments, replicate_mean
+from .gradients import (
+    IMPORTANCE_WEIGHTED,
+    check_objective,
+    draws_per_example,
+    needs_posterior,
+    objective_value,
+    surrogate,
+)
 from .psis import RunningParetoKhat
 
 
@@ -126,10 +133,13 @@ def _beta_elbo_objective(model: LatentVariableModel, x: Tensor, objective: Objec
     return log_weights.log_likelihood.mean(0) - objective.beta * total_kl
 
 
-def _iwae_objective(model: LatentVariableModel, x: Tensor, objective: Objective) -> Tensor:
-    """log (1/K) sum_k w_k with reparameterized draws (all K at once: training K is small)."""
-    log_w = model.log_weights(x, objective.k).total()
-    return torch.logsumexp(log_w, 0) - math.log(objective.k)
+def _importance_weighted_objective(model: LatentVariableModel, x: Tensor, objective: Objective) -> Tensor:
+    """IWAE, MIWAE, PIWAE or CIWAE (estimators.gradients): with the plain reparameterized gradient, the
+    objective of ``log_weights``' draws (all at once: training K is small); otherwise the estimator's
+    surrogate from q's draws and log p(x, z)."""
+    if needs_posterior(objective):
+        return surrogate(model, x, objective)
+    return objective_value(model.log_weights(x, draws_per_example(objective)).total(), objective)
 
 
 def _diffusion_objective(model: LatentVariableModel, x: Tensor, objective: Objective) -> Tensor:
@@ -145,8 +155,8 @@ def _diffusion_objective(model: LatentVariableModel, x: Tensor, objective: Objec
 OBJECTIVES: dict[str, Callable[[LatentVariableModel, Tensor, Objective], Tensor]] = {
     "elbo": _beta_elbo_objective,  # beta is 1 in the plain ELBO objective
     "beta-elbo": _beta_elbo_objective,
-    "iwae": _iwae_objective,
     "diffusion": _diffusion_objective,
+    **dict.fromkeys(IMPORTANCE_WEIGHTED, _importance_weighted_objective),
 }
 
 
@@ -154,6 +164,7 @@ def training_objective(model: LatentVariableModel, x: Tensor, objective: Objecti
     """The per-example surrogate [B] that training maximizes for ``objective`` (the model's own by default)."""
     objective = model.objective if objective is None else objective
     surrogate_of = choose("objective", objective.name, OBJECTIVES)
+    check_objective(objective, model)
     if objective.name == "elbo" and objective.beta != 1.0:
         raise ValueError("the 'elbo' objective has beta = 1; use 'beta-elbo' to weight the KL")
     surrogate = surrogate_of(model, x, objective)

@@ -12,13 +12,13 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .draws import chunk_noise, draw_seed
+from .draws import chunk_noise, draw_seed, vectorized_draws  # noqa: F401  (part of the protocol)
 
 
 @dataclass(frozen=True)
@@ -67,23 +67,41 @@ class LogWeights:
                           {name: torch.cat([part.log_posterior[name] for part in parts]) for name in layers})
 
 
+# Gradient estimators an importance-weighted objective can be trained with (estimators.gradients maps each
+# name to its surrogate): "reparam" differentiates the objective through its reparameterized draws; "stl"
+# (sticking the landing) drops q's score term; "dreg" (doubly reparameterized) rewrites it as a path term.
+GRADIENT_ESTIMATORS = ("reparam", "stl", "dreg")
+# Objective fields that enter a config's hash only when set away from their default, so configs written
+# before the field existed keep their hash (and their cells and checkpoints their identity).
+OMITTED_AT_DEFAULT = {"omitted_at_default": True}
+
+
 @dataclass(frozen=True)
 class Objective:
     """Which training objective a model variant is fitted with (a name, not code).
 
     The estimators package maps ``name`` to the function that computes it, so a
-    model never holds bound maths. ``k`` and ``beta`` are read only by the
-    objectives that use them.
+    model never holds bound maths. ``k``, ``m``, ``beta`` and ``estimator`` are read
+    only by the objectives that use them (``estimators.check_objective`` rejects a
+    setting an objective would ignore).
     """
 
-    name: str = "elbo"  # "elbo", "beta-elbo", "iwae" or "diffusion" (see estimators.bounds.OBJECTIVES)
-    k: int = 1  # importance samples per example for "iwae"; draws per example otherwise
-    beta: float = 1.0  # KL weight for "beta-elbo"
+    name: str = "elbo"  # "elbo", "beta-elbo", "iwae", "miwae", "piwae", "ciwae" or "diffusion" (estimators.OBJECTIVES)
+    k: int = 1  # importance samples per bound for the importance-weighted objectives; draws per example otherwise
+    beta: float = 1.0  # KL weight for "beta-elbo"; the ELBO's share for "ciwae" (beta ELBO + (1 - beta) IWAE)
+    m: int = field(default=1, metadata=OMITTED_AT_DEFAULT)  # "miwae" and "piwae": M independent IWAE-K bounds
+    estimator: str = field(default="reparam", metadata=OMITTED_AT_DEFAULT)  # of GRADIENT_ESTIMATORS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"objective name must be a non-empty string, got {self.name!r}")
         check_k(self.k, "objective k")
-        if self.beta < 0:
-            raise ValueError(f"objective beta must be >= 0, got {self.beta!r}")
+        check_k(self.m, "objective m")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 0:
+            raise ValueError(f"objective beta must be a number >= 0, got {self.beta!r}")
+        if self.name == "ciwae" and not 0 <= self.beta <= 1:
+            raise ValueError(f"objective 'ciwae' needs beta in [0, 1] (beta ELBO + (1 - beta) IWAE), got {self.beta!r}")
+        choose("objective estimator", self.estimator, dict.fromkeys(GRADIENT_ESTIMATORS))
 
 
 def as_objective(value: Objective | Mapping) -> Objective:
@@ -103,7 +121,8 @@ def config_hash(config: object) -> str:
 
 def _jsonable(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                  if not (f.metadata.get("omitted_at_default") and getattr(value, f.name) == f.default)}
         return {"__type__": type(value).__name__, **fields}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
@@ -140,6 +159,13 @@ class Posterior(abc.ABC):
     @abc.abstractmethod
     def log_prob(self, z: Latents) -> Tensor:
         """log q(z | x) summed over layers, [*S, B]."""
+
+    @abc.abstractmethod
+    def detached(self) -> Posterior:
+        """The same q with every parameter cut from autograd: its ``log_prob(z)`` is differentiable in z only
+        (through every layer's conditioning on the layer below, as a function of z with q held fixed).
+
+        STL and DReG evaluate log q this way, so that q's score term drops out of the gradient."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +285,17 @@ class LatentVariableModel(nn.Module):
     def posterior(self, x: Tensor) -> Posterior:
         """q(z | x) for the batch x (capability POSTERIOR)."""
         raise MissingCapability(f"{type(self).__name__} has no posterior")
+
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """The inference network's parameters (q's own), by name as ``named_parameters`` gives them (POSTERIOR).
+
+        Empty where q has no parameters of its own (it is computed from the generative ones)."""
+        raise MissingCapability(f"{type(self).__name__} does not declare its inference network")
+
+    def generative_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter that is not the inference network's (POSTERIOR), by name."""
+        inference = self.inference_parameters()
+        return {name: p for name, p in self.named_parameters() if name not in inference}
 
     def diffusion_loss_terms(self, x: Tensor, *, samples: int = 1,
                              generator: torch.Generator | None = None) -> DiffusionDraws:

@@ -10,6 +10,7 @@ tensors have the same size in every chunk.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -70,7 +71,7 @@ class GeneratorNoise:
     """Standard normal noise for ``count`` draws from one given generator (a caller that manages its own
     stream, e.g. AIS with ``generator=``); the same interface as ``DrawNoise``."""
 
-    generator: torch.Generator
+    generator: torch.Generator | None  # None: torch's global generator
     count: int
     device: torch.device
 
@@ -78,10 +79,30 @@ class GeneratorNoise:
         return torch.randn((self.count, *shape), dtype=dtype, device=self.device, generator=self.generator)
 
 
+_vectorized = False  # inside ``vectorized_draws``: see there
+
+
+@contextlib.contextmanager
+def vectorized_draws() -> Iterator[None]:
+    """Inside, a posterior's draws come straight from torch's global generator, with no per-draw seed.
+
+    Under ``torch.func.vmap(..., randomness="different")`` every repetition then gets its own noise;
+    the per-draw seeds of ``chunk_noise`` cannot be used there (a seed would have to be read out of a
+    batched random number). Draws made this way do not equal ``log_weights``' under the same seed.
+    """
+    global _vectorized
+    before, _vectorized = _vectorized, True
+    try:
+        yield
+    finally:
+        _vectorized = before
+
+
 def draw_noise(k: int, device: torch.device, generator: torch.Generator | None = None) -> DrawNoise | GeneratorNoise:
-    """Noise for one group of k draws: from ``generator`` when given, else the draws an estimate's single
-    chunk of k would get (so a posterior's draws equal ``log_weights``' under the same global seed)."""
-    if generator is not None:
+    """Noise for one group of k draws: from ``generator`` when given (or the global generator inside
+    ``vectorized_draws``), else the draws an estimate's single chunk of k would get (so a posterior's
+    draws equal ``log_weights``' under the same global seed)."""
+    if generator is not None or _vectorized:
         return GeneratorNoise(generator, k, torch.device(device))
     (noise,) = chunk_noise([k], device)
     return noise

@@ -10,6 +10,7 @@ is exactly the MLP VAE (same modules, same random draws).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -278,12 +279,30 @@ class HierarchicalVAE(LatentVariableModel):
         self.check_batch(x, self.config.data_dim)
         return AncestralPosterior(self, self.up[0](x))
 
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """Every q(z_{l+1} | z_l): the bottom-up conditionals ``up``."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("up.")}
+
 
 class AncestralPosterior(Posterior):
     """q(z | x) = q(z_1 | x) prod_l q(z_{l+1} | z_l): drawn layer by layer, its density summed over layers."""
 
-    def __init__(self, model: HierarchicalVAE, first_layer: tuple[Tensor, Tensor]):
+    def __init__(self, model: HierarchicalVAE, first_layer: tuple[Tensor, Tensor], detach: bool = False):
         self.model, self.first_layer = model, first_layer  # mean and log sigma of q(z_1 | x), [B, n_1] each
+        self.detach = detach  # True: the conditionals q(z_{l+1} | z_l) run with their parameters detached
+
+    def _conditional(self, index: int, below: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log sigma of q(z_{index+1} | z_index = below): with detached parameters, the gradient
+        still flows through ``below``."""
+        conditional = self.model.up[index]
+        if not self.detach:
+            return conditional(below)
+        frozen = {name: p.detach() for name, p in conditional.named_parameters()}
+        return torch.func.functional_call(conditional, frozen, (below,))
+
+    def detached(self) -> AncestralPosterior:
+        mean, log_std = self.first_layer
+        return AncestralPosterior(self.model, (mean.detach(), log_std.detach()), detach=True)
 
     def rsample(self, k: int, *, generator: torch.Generator | None = None) -> Latents:
         # The draws of log_weights under the same seed: layer 1, then each layer above it.
@@ -293,8 +312,8 @@ class AncestralPosterior(Posterior):
     def log_prob(self, z: Latents) -> Tensor:
         layers = self.model.layers
         total = diagonal_normal_log_prob(z[layers[0]], *self.first_layer)
-        for below, name, conditional in zip(layers[:-1], layers[1:], self.model.up[1:]):
-            total = total + diagonal_normal_log_prob(z[name], *conditional(z[below]))
+        for index, (below, name) in enumerate(itertools.pairwise(layers), start=1):
+            total = total + diagonal_normal_log_prob(z[name], *self._conditional(index, z[below]))
         return total
 
 

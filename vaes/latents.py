@@ -33,3 +33,6 @@ class DiagonalGaussianPosterior(Posterior):
 
     def log_prob(self, z: Latents) -> Tensor:
         return diagonal_normal_log_prob(z[self.name], self.mean, self.log_std)
+
+    def detached(self) -> DiagonalGaussianPosterior:
+        return DiagonalGaussianPosterior(self.name, self.mean.detach(), self.log_std.detach())

@@ -178,14 +178,30 @@ class _BernoulliLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+    def forward(logits: Tensor, x: Tensor) -> Tensor:
         buffer = torch.mul(logits, x - 0.5)
         total = buffer.sum(-1)
         magnitude = torch.abs(logits, out=buffer)
         total -= 0.5 * magnitude.sum(-1)
         total += _log_sigmoid_sum_(magnitude.view(-1, magnitude.shape[-1])).view(total.shape)
-        ctx.save_for_backward(logits, x)
         return total
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def vmap(info, in_dims: tuple[int | None, int | None], logits: Tensor, x: Tensor) -> tuple[Tensor, int]:
+        """Under torch.func.vmap (gradient_snr's repetitions): the logits already allow any leading
+        dimensions, so the mapped one goes first; a mapped x, which the fast form does not broadcast,
+        takes the plain formula."""
+        logits_dim, x_dim = in_dims
+        if x_dim is not None:
+            logits = logits if logits_dim is not None else logits.unsqueeze(0)
+            logits = logits.movedim(logits_dim or 0, 0)
+            x = x.movedim(x_dim, 0).reshape(info.batch_size, *([1] * (logits.dim() - x.dim())), *x.shape[1:])
+            return (x * logits - torch.nn.functional.softplus(logits)).sum(-1), 0
+        return _BernoulliLogProb.apply(logits.movedim(logits_dim, 0), x), 0
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:

@@ -207,6 +207,10 @@ class LinearGaussian(LatentVariableModel):
     def posterior(self, x: Tensor) -> LinearGaussianPosterior:
         return LinearGaussianPosterior(*self.encode(x))
 
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """The amortized encoder's A, b and log s; none for the exact encoder, whose q is made of W, mu, sigma."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("encoder.")}
+
 
 class LinearGaussianPosterior(Posterior):
     """q(z | x) = N(mean, L L^T): mean [B, q], one lower-triangular scale L [q, q] for every example."""
@@ -223,6 +227,9 @@ class LinearGaussianPosterior(Posterior):
         # eps = (z - mean) L^-T, and log N = log N(eps; 0, I) - log det L.
         eps = torch.linalg.solve_triangular(self.scale_tril.T, z["z"] - self.mean, upper=True, left=False)
         return standard_normal_log_prob(eps) - torch.log(torch.diagonal(self.scale_tril)).sum()
+
+    def detached(self) -> LinearGaussianPosterior:
+        return LinearGaussianPosterior(self.mean.detach(), self.scale_tril.detach())
 
 
 def posterior_linear_map(model: LinearGaussian) -> tuple[Tensor, Tensor]:

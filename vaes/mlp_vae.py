@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import (
     LOG_JOINT,
@@ -138,6 +138,10 @@ class MLPVAE(LatentVariableModel):
 
     def posterior(self, x: Tensor) -> DiagonalGaussianPosterior:
         return DiagonalGaussianPosterior("z", *self.encode(x))
+
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """The encoder and q's Gaussian head."""
+        return {name: p for name, p in self.named_parameters() if name.startswith(("encoder.", "posterior_head."))}
 
 
 @register_model("vae")
