@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 import estimators
+from estimators.gradients import IMPORTANCE_WEIGHTED
 from estimators.kl import KL_METHODS
-from vaes.base import LatentVariableModel, MissingCapability
+from vaes.base import GRADIENT_ESTIMATORS, LatentVariableModel, MissingCapability
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,20 @@ def _active_units(model: LatentVariableModel, x: Tensor, k: int | None, params: 
     return [Measurement("active_units", as_tensor(sum(counts.values())), None, "count"), *layers]
 
 
+def _gradient_snr(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    try:
+        result = estimators.gradient_snr(model, x, objective=params["objective"], estimator=params["estimator"], k=k,
+                                         m=params["m"], reps=params["reps"], beta=params["beta"])
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    # The gradient estimator (and the objective it differentiates) is the rows' method: "iwae/dreg".
+    method = f"{params['objective']}/{params['estimator']}"
+    as_tensor = lambda value: torch.tensor([value], dtype=torch.float64)
+    return [Measurement(f"{summary}_{name}", as_tensor(getattr(network, attribute)), None, "ratio", method=method)
+            for name, network in (("inference", result.inference), ("generative", result.generative))
+            for summary, attribute in (("snr", "snr"), ("snr_rms", "snr_rms"), ("dsnr", "dsnr"))]
+
+
 ESTIMATORS: dict[str, EstimatorKind] = {
     "elbo": EstimatorKind(
         "ELBO with its reconstruction and per-layer KL terms (closed-form KL where the model has it)",
@@ -122,6 +137,14 @@ ESTIMATORS: dict[str, EstimatorKind] = {
     "active_units": EstimatorKind(
         "number of latent units with Var_x(E_q[z | x]) above the threshold, per layer",
         _active_units, "active_units", None, {"threshold": Param("float", estimators.ACTIVE_UNIT_THRESHOLD)},
+        per_example=False),
+    "gradient_snr": EstimatorKind(
+        "signal-to-noise ratio of a gradient estimator (reparam, stl, dreg) of an importance-weighted objective, "
+        "per network, over `reps` gradient draws on the evaluation batch, for each K of the grid",
+        _gradient_snr, "snr_inference", "k",
+        {"k": Param("k-grid", [1, 4, 16, 64, 256]), "estimator": Param("str", "reparam", GRADIENT_ESTIMATORS),
+         "objective": Param("str", "iwae", IMPORTANCE_WEIGHTED), "m": Param("k", 1), "reps": Param("k", 1000),
+         "beta": Param("float", 0.5)},
         per_example=False),
 }
 
