@@ -235,7 +235,7 @@ def test_iwae_objective_value_equals_the_iwae_bound_on_the_same_draws():
 
 def test_unknown_objective_lists_choices():
     model = vaes.create_model("vae", data_dim=4, latent_dim=2, hidden=(4,))
-    with pytest.raises(ValueError, match="choices: beta-elbo, diffusion, elbo, iwae"):
+    with pytest.raises(ValueError, match="choices: beta-elbo, ciwae, diffusion, elbo, iwae, miwae, piwae"):
         E.training_objective(model, torch.zeros(2, 4), vaes.Objective("renyi"))
 
 

@@ -236,4 +236,15 @@ def test_the_gradients_suite_prepares():
     plan = prepare(load_suite("gradients"))
     estimators = {cell.estimator for fit in plan.fits for cell in fit.cells}
     assert "gradient_snr" in estimators
-    assert {cell.k for fit in plan.fits for cell in fit.cells if cell.estimator == "gradient_snr"} == {1, 4, 16, 64, 256}
+    ks = {cell.k for fit in plan.fits for cell in fit.cells if cell.estimator == "gradient_snr"}
+    assert ks == {1, 4, 16, 64, 256}
+
+
+def test_the_toy_data_set_has_the_toy_model_s_exact_density():
+    from bench.data import load_dataset
+    data = load_dataset("gaussian-toy", seed=0)
+    model = create_model("gaussian-toy", perturbation=0.0).double()
+    x = data.test[:50].double()
+    torch.testing.assert_close(data.exact_log_density(x), model.exact_log_marginal(x).detach())
+    # The data's mean is the model's mu (2000 draws: standard error sqrt(2 / 2000) = 0.03 per coordinate).
+    assert float((data.train.double().mean(0) - model.prior_mean.detach()).abs().max()) < 4 * math.sqrt(2 / 2000)
