@@ -15,7 +15,7 @@ from .estimate import Estimate
 DEFAULT_K = 5000
 
 
-def _exact(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> Estimate:
+def _exact(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None, replicates: int) -> Estimate:
     with torch.inference_mode():
         value = model.exact_log_marginal(x)
     if value is None:
@@ -24,25 +24,28 @@ def _exact(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> 
     return Estimate(value, torch.zeros_like(value), method="exact")
 
 
-def _iwae(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None) -> Estimate:
-    estimate = iwae(model, x, k=k, chunk=chunk)
-    return Estimate(estimate.value, estimate.stderr, estimate.terms, method="iwae")
+def _iwae(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None, replicates: int) -> Estimate:
+    estimate = iwae(model, x, k=k, replicates=replicates, chunk=chunk)
+    return Estimate(estimate.value, estimate.stderr, estimate.terms, method="iwae", stderr_dof=estimate.stderr_dof)
 
 
-LOG_MARGINAL_METHODS: dict[str, Callable[[LatentVariableModel, Tensor, int, int | None], Estimate]] = {
+# method -> f(model, x, k, chunk, replicates)
+LOG_MARGINAL_METHODS: dict[str, Callable[[LatentVariableModel, Tensor, int, int | None, int], Estimate]] = {
     "exact": _exact,
     "iwae": _iwae,
 }
 
 
 def log_marginal(model: LatentVariableModel, x: Tensor, *, method: str = "auto", k: int = DEFAULT_K,
-                 chunk: int | None = None) -> Estimate:
+                 replicates: int = 1, chunk: int | None = None) -> Estimate:
     """log p(x) per example. ``method``: "exact", "iwae" (a lower bound, tight as K grows), or "auto"
-    (exact when the model has it, else IWAE with ``k`` draws). ``Estimate.method`` says which was used."""
+    (exact when the model has it, else IWAE with ``k`` draws). ``Estimate.method`` says which was used.
+    ``replicates``: independent IWAE-k estimates averaged, their spread the error (see ``iwae``); an exact
+    value ignores it."""
     if method == "auto":
         with torch.inference_mode():
             method = "exact" if model.exact_log_marginal(x[:1]) is not None else "iwae"
     if method not in LOG_MARGINAL_METHODS:
         choices = ", ".join(["auto", *LOG_MARGINAL_METHODS])
         raise ValueError(f"unknown log-marginal method {method!r}; choices: {choices}")
-    return LOG_MARGINAL_METHODS[method](model, x, k, chunk)
+    return LOG_MARGINAL_METHODS[method](model, x, k, chunk, replicates)
