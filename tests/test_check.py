@@ -517,7 +517,7 @@ def test_throughput_needs_a_ratio_and_a_significant_mann_whitney_test(tmp_path, 
     assert run_cli(write_run(tmp_path / "base", _timed(1000.0, [0.010, 0.011, 0.009, 0.0105, 0.012])),
                    "--write-baseline", path) == 0
     # Every run timing above every baseline timing, 5 against 5: the one-sided exact p is 1 / C(10, 5) = 0.004.
-    slow = write_run(tmp_path / "slow", _timed(400.0, [0.025, 0.026, 0.024, 0.027, 0.025]))
+    slow = write_run(tmp_path / "slow", _timed(400.0, [0.025, 0.026, 0.024, 0.027, 0.0255]))
     assert run_cli(slow, "--baseline", path, "--throughput-ratio", "0.5") == 1
     out = capsys.readouterr().out
     assert "throughput fell to 0.40x" in out and "Mann-Whitney U p = 0.00397" in out
