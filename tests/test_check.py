@@ -525,5 +525,5 @@ def test_throughput_needs_a_ratio_and_a_significant_mann_whitney_test(tmp_path, 
     noisy = write_run(tmp_path / "noisy", _timed(400.0, [0.009, 0.030, 0.011, 0.028, 0.010]))
     assert run_cli(noisy, "--baseline", path, "--throughput-ratio", "0.5") == 0
     assert "not significantly" in capsys.readouterr().out
-    assert run_cli(slow, "--baseline", path) == 0  # off unless asked
+    assert run_cli(slow, "--baseline", path) == 2  # off unless asked: this run then compares nothing
     assert check.slower_p_value([2.0, 3.0], [0.0, 1.0]) == pytest.approx(1 / 6)  # 2 vs 2 can never reach 0.01
