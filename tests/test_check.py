@@ -448,7 +448,8 @@ def test_another_suites_baseline_exits_2(tmp_path, capsys):
     smoke = write_run(tmp_path / "smoke", base_rows(), _suite_manifest("smoke", {**contents, "name": "smoke"}))
     assert run_cli(smoke, "--baseline", path) == 2
     assert "belongs to suite 'regression', the run to suite 'smoke'" in capsys.readouterr().err
-    edited_suite = write_run(tmp_path / "edited", base_rows(), _suite_manifest("regression", {**contents, "seeds": [0, 1]}))
+    two_seeds = _suite_manifest("regression", {**contents, "seeds": [0, 1]})
+    edited_suite = write_run(tmp_path / "edited", base_rows(), two_seeds)
     assert run_cli(edited_suite, "--baseline", path) == 2
     err = capsys.readouterr().err
     assert "suite 'regression' has changed since baseline" in err and "rewrite the baseline" in err

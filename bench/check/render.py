@@ -57,9 +57,9 @@ def render(result: CheckResult, run_dir: Path, baseline_path: Path) -> str:
     lines += ["", f"{verdict}: {result.compared} cells compared; {counts}"]
     stale = [kind for kind in ("improvement", "missing in run") if result.count(kind)]
     if stale:
-        lines.append(f"the baseline is stale ({' and '.join(f'{result.count(k)} {k}' for k in stale)}): if the change is "
-                     f"intended, rewrite the baseline (python -m bench check {run_dir} --write-baseline "
-                     f"{baseline_path}) and say why in the commit")
+        counted = " and ".join(f"{result.count(kind)} {kind}" for kind in stale)
+        lines.append(f"the baseline is stale ({counted}): if the change is intended, rewrite the baseline "
+                     f"(python -m bench check {run_dir} --write-baseline {baseline_path}) and say why in the commit")
     # The conventional closing line of a test runner, so CI logs read the same as pytest's.
     failed = result.count("regression") + result.count("improvement")  # the compared cells that fail
     lines.append(f"check: {result.compared - failed} passed, {failed} failed")
