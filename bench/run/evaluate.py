@@ -68,11 +68,15 @@ def evaluate(kind: EstimatorKind, model, x: Tensor, k: int | None, params: dict,
 
 
 def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: FitRows, device: torch.device,
-                  progress: bool) -> tuple[list[ResultRow], str, str | None]:
-    """The cell's rows, its status and its error (None unless failed)."""
+                  progress: bool, draw_seed: int | None = None) -> tuple[list[ResultRow], str, str | None]:
+    """The cell's rows, its status and its error (None unless failed).
+
+    ``draw_seed`` replaces the fit's seed for the Monte Carlo draws only (the rows keep the fit's seed):
+    the same trained model evaluated with other draws, to measure the spread of a cell over draws.
+    """
     kind = ESTIMATORS[cell.estimator]
     # Every cell draws from the fit's seed, so a cell can be recomputed alone (and K grids share draws).
-    torch.manual_seed(fit.seed)
+    torch.manual_seed(fit.seed if draw_seed is None else draw_seed)
     start = time.perf_counter()
     try:
         merged = evaluate(kind, model, x, cell.k, cell.spec.params, batch_size=suite.eval["batch_size"],
