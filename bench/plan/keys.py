@@ -104,7 +104,8 @@ class KeyChecker:
         return tuple(self.positive(v, where(i)) for i, v in enumerate(values))
 
     def param(self, value: object, key: str, spec: Param) -> object:
-        checkers = {"k-grid": self.k_grid, "k": self.positive, "str": self.string, "float": self.number}
+        checkers = {"k-grid": self.k_grid, "k": self.positive, "str": self.string, "float": self.number,
+                    "setting": lambda v, _: v}  # the estimator's own check judges it (EstimatorKind.check)
         checked = checkers[spec.type](value, key)
         if spec.choices is not None and checked not in spec.choices:
             raise self.fail(key, f"must be one of {', '.join(spec.choices)}, got {value!r}")

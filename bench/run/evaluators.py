@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 
 import estimators
+from estimators.ais import check_ais_settings
 from estimators.kl import KL_METHODS
+from estimators.marginal import DEFAULT_AIS_CHAINS, DEFAULT_AIS_STEPS
+from reports.schema import method_text
 from vaes.base import LatentVariableModel, MissingCapability
 
 
@@ -25,7 +28,7 @@ class Measurement:
     values: Tensor  # [B] (or [1] for a dataset-level count)
     mc_stderr: Tensor | None  # [B] Monte Carlo standard error of each example's value, None where none
     unit: str
-    method: str | None = None  # log_marginal only: "exact" or "iwae"
+    method: str | None = None  # how log p(x) was computed: see reports.schema.ResultRow.method
 
 
 class NotApplicable(Exception):
@@ -36,7 +39,9 @@ class NotApplicable(Exception):
 class Param:
     """A suite parameter of an estimator: its type name (for validation messages), default and choices."""
 
-    type: str  # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "str", "float"
+    # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "str", "float", or "setting": any value,
+    # checked by the estimator's own ``check``
+    type: str
     default: object
     choices: tuple[str, ...] | None = None
 
@@ -49,6 +54,10 @@ class EstimatorKind:
     k_param: str | None = None  # the parameter giving K (draws per example); None: no K
     params: dict[str, Param] = field(default_factory=dict)
     per_example: bool = True  # False: needs every example at once (dataset-level statistics)
+    # Checks the parameters together when the suite is loaded (ValueError naming the setting), for estimators
+    # whose settings the estimators package validates itself.
+    check: Callable[[dict], None] | None = None
+    timed: bool = True  # False: no timing rows (the cell's wall_s is its timing; re-running it costs too much)
 
 
 def _elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -73,9 +82,65 @@ def _kl_terms(model: LatentVariableModel, x: Tensor, k: int | None, params: dict
     return [Measurement("kl", total, total_stderr, "nats"), *rows]
 
 
+# method "ais" of log_marginal runs estimators.log_marginal's default AIS settings; the `ais` estimator sets them.
+LOG_MARGINAL_AIS = {"steps": DEFAULT_AIS_STEPS, "chains": DEFAULT_AIS_CHAINS}
+
+
 def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
-    est = estimators.log_marginal(model, x, method=params["method"], k=k)
-    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method)]
+    try:
+        est = estimators.log_marginal(model, x, method=params["method"], k=k)
+    except MissingCapability as missing:  # method "ais" of a model without log_joint
+        raise NotApplicable(str(missing)) from None
+    method = method_text("ais", LOG_MARGINAL_AIS) if est.method == "ais" else est.method
+    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=method)]
+
+
+# --- annealed importance sampling ------------------------------------------------------------------------
+
+AIS_PARAMS = {
+    "steps": Param("setting", DEFAULT_AIS_STEPS),
+    "chains": Param("setting", DEFAULT_AIS_CHAINS),
+    "leapfrog": Param("setting", 10),
+    "schedule": Param("setting", "sigmoid"),  # estimators.ais.SCHEDULES
+    "init": Param("setting", "prior"),  # estimators.ais.INITS
+}
+
+
+def _check_ais(params: dict) -> None:
+    check_ais_settings(**{name: params[name] for name in AIS_PARAMS})
+
+
+def _ais_settings(params: dict) -> dict:
+    return {name: params[name] for name in AIS_PARAMS}
+
+
+def _ais(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    settings = _ais_settings(params)
+    try:
+        est = estimators.ais(model, x, **settings)
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    method = method_text("ais", settings)
+    rows = [Measurement("log_marginal", est.value, est.stderr, "nats", method=method)]
+    units = {"acceptance": "probability", "ess": "samples", "log_weight_var": "nats^2"}
+    return rows + [Measurement(name, est.terms[name], None, unit, method=method)
+                   for name, unit in units.items() if name in est.terms]
+
+
+def _bdmc(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    """The sandwich on as many examples simulated from the model as x holds (x's values are not used)."""
+    settings = _ais_settings(params)
+    try:
+        result = estimators.bdmc(model, x.shape[0], **settings)
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    lower, upper = result.lower, result.upper
+    method = method_text("bdmc", settings)
+    both = lower.stderr is not None and upper.stderr is not None
+    gap_stderr = torch.hypot(lower.stderr, upper.stderr) if both else None
+    return [Measurement("bdmc_lower", lower.value, lower.stderr, "nats", method=method),
+            Measurement("bdmc_upper", upper.value, upper.stderr, "nats", method=method),
+            Measurement("bdmc_gap", result.gap, gap_stderr, "nats", method=method)]
 
 
 def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -115,6 +180,14 @@ ESTIMATORS: dict[str, EstimatorKind] = {
         "log p(x): exact where the model has it, else the IWAE-k estimate (method auto)",
         _log_marginal, "log_marginal", "k",
         {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS))}),
+    "ais": EstimatorKind(
+        "log p(x) by annealed importance sampling (a stochastic lower bound), with HMC acceptance, ESS and the "
+        "variance of the log weights; skipped for models without log_joint",
+        _ais, "log_marginal", None, AIS_PARAMS, check=_check_ais, timed=False),
+    "bdmc": EstimatorKind(
+        "BDMC on as many examples simulated from the model as the cell evaluates: forward-AIS lower and "
+        "reverse-AIS upper bounds of log p(x) and their gap; skipped for models without sample_joint",
+        _bdmc, "bdmc_gap", None, AIS_PARAMS, check=_check_ais, timed=False),
     "diffusion_elbo": EstimatorKind(
         "a diffusion model's ELBO from its loss (L_T in discrete time, L_inf in continuous time), `samples` "
         "stratified times per example; skipped for other models",
