@@ -102,7 +102,8 @@ class MixtureLatent(LatentVariableModel):
     def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
         """z from the prior, x = z + sigma eps: x [n, D], z [n, D] (float64)."""
         z = self.prior.sample(n, generator)
-        return z + torch.exp(self.log_sigma) * torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator), {"z": z}
+        noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=generator)
+        return z + torch.exp(self.log_sigma) * noise, {"z": z}
 
     def posterior(self, x: Tensor) -> DiagonalGaussianPosterior:
         self.check_batch(x, self.config.data_dim)
@@ -112,5 +113,5 @@ class MixtureLatent(LatentVariableModel):
 
 @register_model("mixture-latent")
 def mixture_latent(**config) -> MixtureLatent:
-    """Gaussian-mixture prior, Gaussian noise: p(x) is a named mixture in closed form; a multimodal AIS test; no training."""
+    """Gaussian-mixture prior and Gaussian noise: p(x) is a named mixture in closed form (AIS's multimodal test)."""
     return MixtureLatent(MixtureLatentConfig(**config))
