@@ -183,6 +183,31 @@ def test_the_report_says_where_each_log_marginal_came_from(tiny_ais_run, tmp_pat
     assert f"[{lower:.2f}, {upper:.2f}] nats, 10 simulated" in text
 
 
+@pytest.mark.slow
+def test_log_marginal_method_ais_from_a_suite(tmp_path):
+    """estimators.log_marginal's default AIS (1,000 steps x 16 chains) as a suite's log_marginal method."""
+    suite = tmp_path / "lm.toml"
+    suite.write_text(TINY_AIS.split("[[models]]")[0].replace("n_examples = 20", "n_examples = 10") + textwrap.dedent("""
+        [[models]]
+        name = "linear-gaussian"
+        datasets = ["linear-gaussian"]
+        [[estimators]]
+        name = "log_marginal"
+        method = "exact"
+        [[estimators]]
+        name = "log_marginal"
+        method = "ais"
+    """))
+    assert main(["run", "--all", "--suite", str(suite), "--out", str(tmp_path / "run"), "--cache-dir",
+                 str(tmp_path / "cache"), "--no-report", "--quiet"]) == 0
+    rows = read_rows(tmp_path / "run")[0]
+    method = "ais(steps=1000, chains=16, leapfrog=10, schedule=sigmoid, init=prior)"
+    assert {r["metric"] for r in rows if r["method"] == method} == {"log_marginal"}  # no timing rows
+    ais, exact = ({r["method"]: r for r in rows if r["metric"] == "log_marginal"}[m] for m in (method, "exact"))
+    assert ais["k"] is None and ais["n_examples"] == exact["n_examples"] == 10
+    assert abs(ais["value"] - exact["value"]) < 3 * ais["mc_stderr"]
+
+
 # --- the mixture-latent model ----------------------------------------------------------------------------
 
 def test_mixture_latent_marginal_is_the_integral_of_its_joint():

@@ -80,7 +80,7 @@ def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: Fi
         mc_stderr = float(mc.pow(2).sum().sqrt() / n) if mc is not None else None
         out.append(rows.measured(cell, metric=metric, value=float(values.mean()), stderr=stderr, mc_stderr=mc_stderr,
                                  unit=m.unit, k=k, n_examples=int(x.shape[0]), wall_s=wall, method=m.method))
-    if suite.timing["enabled"] and kind.timed:
+    if suite.timing["enabled"] and kind.timed(cell.spec.params):
         out.extend(_timing_rows(suite, kind, model, x, cell, k, rows, device))
     failed = [r.error for r in out if r.status == "failed"]
     return out, "failed" if failed else "ok", failed[0] if failed else None

@@ -57,7 +57,9 @@ class EstimatorKind:
     # Checks the parameters together when the suite is loaded (ValueError naming the setting), for estimators
     # whose settings the estimators package validates itself.
     check: Callable[[dict], None] | None = None
-    timed: bool = True  # False: no timing rows (the cell's wall_s is its timing; re-running it costs too much)
+    # Whether a cell with these parameters gets timing rows: not where re-running it for them would cost too
+    # much (AIS); its rows' wall_s is the cell's time even so.
+    timed: Callable[[dict], bool] = lambda params: True
 
 
 def _elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -82,21 +84,9 @@ def _kl_terms(model: LatentVariableModel, x: Tensor, k: int | None, params: dict
     return [Measurement("kl", total, total_stderr, "nats"), *rows]
 
 
-# method "ais" of log_marginal runs estimators.log_marginal's default AIS settings; the `ais` estimator sets them.
-LOG_MARGINAL_AIS = {"steps": DEFAULT_AIS_STEPS, "chains": DEFAULT_AIS_CHAINS}
+# --- log p(x), and annealed importance sampling -------------------------------------------------------------
 
-
-def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
-    try:
-        est = estimators.log_marginal(model, x, method=params["method"], k=k)
-    except MissingCapability as missing:  # method "ais" of a model without log_joint
-        raise NotApplicable(str(missing)) from None
-    method = method_text("ais", LOG_MARGINAL_AIS) if est.method == "ais" else est.method
-    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=method)]
-
-
-# --- annealed importance sampling ------------------------------------------------------------------------
-
+# The settings of estimators.ais that a suite may set, with the defaults of estimators.log_marginal's method "ais".
 AIS_PARAMS = {
     "steps": Param("setting", DEFAULT_AIS_STEPS),
     "chains": Param("setting", DEFAULT_AIS_CHAINS),
@@ -106,12 +96,22 @@ AIS_PARAMS = {
 }
 
 
-def _check_ais(params: dict) -> None:
-    check_ais_settings(**{name: params[name] for name in AIS_PARAMS})
-
-
 def _ais_settings(params: dict) -> dict:
     return {name: params[name] for name in AIS_PARAMS}
+
+
+def _check_ais(params: dict) -> None:
+    check_ais_settings(**_ais_settings(params))
+
+
+def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    try:
+        est = estimators.log_marginal(model, x, method=params["method"], k=k)
+    except MissingCapability as missing:  # method "ais" of a model without log_joint
+        raise NotApplicable(str(missing)) from None
+    default_ais = {name: param.default for name, param in AIS_PARAMS.items()}
+    method = method_text("ais", default_ais) if est.method == "ais" else est.method
+    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=method)]
 
 
 def _ais(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -179,15 +179,16 @@ ESTIMATORS: dict[str, EstimatorKind] = {
     "log_marginal": EstimatorKind(
         "log p(x): exact where the model has it, else the IWAE-k estimate (method auto)",
         _log_marginal, "log_marginal", "k",
-        {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS))}),
+        {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS))},
+        timed=lambda params: params["method"] != "ais"),
     "ais": EstimatorKind(
         "log p(x) by annealed importance sampling (a stochastic lower bound), with HMC acceptance, ESS and the "
         "variance of the log weights; skipped for models without log_joint",
-        _ais, "log_marginal", None, AIS_PARAMS, check=_check_ais, timed=False),
+        _ais, "log_marginal", None, AIS_PARAMS, check=_check_ais, timed=lambda params: False),
     "bdmc": EstimatorKind(
         "BDMC on as many examples simulated from the model as the cell evaluates: forward-AIS lower and "
         "reverse-AIS upper bounds of log p(x) and their gap; skipped for models without sample_joint",
-        _bdmc, "bdmc_gap", None, AIS_PARAMS, check=_check_ais, timed=False),
+        _bdmc, "bdmc_gap", None, AIS_PARAMS, check=_check_ais, timed=lambda params: False),
     "diffusion_elbo": EstimatorKind(
         "a diffusion model's ELBO from its loss (L_T in discrete time, L_inf in continuous time), `samples` "
         "stratified times per example; skipped for other models",
