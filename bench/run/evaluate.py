@@ -26,6 +26,9 @@ from .timing import measure
 
 log = logging.getLogger(__name__)
 
+TIMING_METRICS = ("throughput", "examples_per_s", "wall_median_s", "peak_memory")  # the rows of _timing_rows
+
+
 def error_text(exc: BaseException) -> str:
     """One line: the exception's type and the first line of its message."""
     text = str(exc).strip().splitlines()
