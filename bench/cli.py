@@ -93,8 +93,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", type=_csv, help="comma-separated datasets of the suite to keep")
     parser.add_argument("--estimators", type=_csv, help="comma-separated estimators of the suite to keep")
     parser.add_argument("--seed", type=int, help="run this one seed instead of the suite's seeds")
-    parser.add_argument("--threads", type=int, help="torch threads for training and evaluation (overrides the "
-                                                     "suite's `threads`)")
+    parser.add_argument("--threads", type=int, help="torch threads of each fit, for training and evaluation "
+                                                     "(overrides the suite's `threads`); default 1")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda; default auto")
     parser.add_argument("--executor", default="auto", choices=["auto", *EXECUTOR_NAMES],
                         help="where fits run: serial (this process), process (worker processes), ray (Ray tasks); "

@@ -3,12 +3,17 @@
 On a shared machine torch's default (one thread per core in every process) made tiny matmuls
 50 times slower: two processes each spinning two threads on two cores. So every process that
 runs a fit sets its threads explicitly, and by default workers x threads <= the cores.
+
+The default is one thread per fit whatever the executor and the number of workers: the last bits
+of a float reduction can depend on how many threads split it, and a run's values must not depend
+on how many fits ran at once. The embedded suites' models are small enough that one thread is
+also the fastest; a large model on CPU asks for more with --threads (or the suite's ``threads``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -21,25 +26,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass(frozen=True)
-class Parallelism:
+class Parallelism(NamedTuple):
     workers: int  # fits running at once
     threads: int  # torch intra-op (and inter-op) threads of each
 
 
 def plan_parallelism(n_fits: int, *, workers: int | None = None, threads: int | None = None,
                      cores: int | None = None) -> Parallelism:
-    """Fill in what was not asked for: one thread per fit when several fits run at once, else all the cores.
+    """Fill in what was not asked for: one thread per fit, and as many fits at once as the cores hold.
 
-    Without ``workers``: as many fits at once as the cores hold at ``threads`` each (never more than there are
-    fits). Without ``threads``: the cores shared out among the workers, at least one each. Given both, they are
-    taken as asked (the caller may oversubscribe on purpose).
+    Without ``workers``: cores // threads fits at once, at least one and never more than there are fits.
+    Given both, they are taken as asked (the caller may oversubscribe on purpose).
     """
-    cores = cores or available_cores()
+    threads = threads or 1
     if workers is None:
-        workers = max(1, min(n_fits, cores // (threads or 1)))
-    if threads is None:
-        threads = max(1, cores // workers)
+        workers = max(1, min(n_fits, (cores or available_cores()) // threads))
     return Parallelism(workers, threads)
 
 

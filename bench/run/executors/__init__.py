@@ -67,9 +67,9 @@ def configure(name: str, *, n_fits: int, device: torch.device, workers: int | No
               gpus_per_fit: float = 1.0) -> ExecutorSettings:
     """Settings for a run of ``n_fits`` fits: the executor ``auto`` resolves to, workers and threads.
 
-    One fit at a time on CUDA unless asked otherwise (fits would share one device's memory). On Ray the
-    threads default to one (Ray runs as many one-CPU fits as its instance has CPUs) and the workers to no
-    limit of ours.
+    One thread per fit unless asked otherwise (bench.run.threads says why); one fit at a time on CUDA unless
+    asked otherwise (fits would share one device's memory). On Ray the workers default to no limit of ours:
+    Ray runs as many fits as its CPUs hold at ``threads`` CPUs each.
     """
     if name == "ray":
         return ExecutorSettings(name, workers, threads or 1, ray_address, gpus_per_fit)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,12 +142,23 @@ def _stop(worker: _Worker, *, graceful: bool) -> None:
 def _serve(conn: Connection, threads: int) -> None:
     """A worker's life: set its threads, then run each fit it is sent and stream the results back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which ends the workers
+    threading.Thread(target=_exit_with_driver, daemon=True).start()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     apply_threads(threads)
     datasets: dict[str, Dataset] = {}
-    while (message := conn.recv()) is not None:
-        task, new = message
-        datasets.update(new)
-        for result in run_fit(task, datasets[task.fit.dataset]):
-            conn.send(result)
-        conn.send(_DONE)
+    try:
+        while (message := conn.recv()) is not None:
+            task, new = message
+            datasets.update(new)
+            for result in run_fit(task, datasets[task.fit.dataset]):
+                conn.send(result)
+            conn.send(_DONE)
+    except (EOFError, BrokenPipeError):  # the driver is gone: nobody would write what this worker makes
+        return
+
+
+def _exit_with_driver() -> None:
+    """End this worker as soon as the driver dies (a SIGKILL leaves it no chance to end its workers),
+    rather than finish an hours-long fit whose results nobody writes."""
+    wait([multiprocessing.parent_process().sentinel])
+    os._exit(1)
