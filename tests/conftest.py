@@ -35,3 +35,23 @@ def mnist_dir() -> Path:
     if not root or not (Path(root) / "binarized_mnist.npz").is_file():
         pytest.skip("binarized MNIST not found: set ELBO_BENCH_DATA to a folder holding binarized_mnist.npz")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def serial_reference(tmp_path_factory):
+    """suite (a shipped name or a file) -> an uninterrupted serial run of it, made on first use and shared:
+    the reference the other executors must reproduce bit for bit (tests/test_executors.py, tests/test_ray.py)."""
+    from bench.cli import main
+
+    root = tmp_path_factory.mktemp("serial-reference")
+    made: dict[str, Path] = {}
+
+    def reference(suite: str) -> Path:
+        if suite not in made:
+            out = root / f"run-{len(made)}"
+            assert main(["run", "--all", "--suite", suite, "--out", str(out), "--cache-dir", str(root / "cache"),
+                         "--no-report", "--quiet", "--executor", "serial"]) == 0
+            made[suite] = out
+        return made[suite]
+
+    return reference

@@ -183,21 +183,6 @@ def test_log_marginal_takes_the_iwae_cell_of_the_same_draws(two_fits_serial, tmp
 
 # --- slow: the shipped suites, a killed worker, two runs at once, Ctrl-C --------------------------
 
-@pytest.fixture(scope="module")
-def serial_reference(tmp_path_factory):
-    """suite name -> an uninterrupted serial run of it (made on first use)."""
-    root = tmp_path_factory.mktemp("serial-reference")
-    made: dict[str, Path] = {}
-
-    def reference(suite: str) -> Path:
-        if suite not in made:
-            assert run_suite(root / Path(suite).stem, root / "cache", suite, "--executor", "serial") == 0
-            made[suite] = root / Path(suite).stem
-        return made[suite]
-
-    return reference
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("suite", ["smoke", "regression"])
 def test_shipped_suites_give_the_serial_values_on_two_workers(serial_reference, tmp_path, suite):
@@ -209,6 +194,11 @@ def test_shipped_suites_give_the_serial_values_on_two_workers(serial_reference, 
 # right after a fit's training cell lands while that fit still has cells to run.
 SLOW_SMOKE = (SUITES_DIR / "smoke.toml").read_text().replace('name = "smoke"', 'name = "slow-smoke"').replace(
     'method = "auto"\nk = 100', 'method = "auto"\nk = 20000')
+
+
+@pytest.fixture(scope="module")
+def slow_smoke(tmp_path_factory) -> str:
+    return _suite_file(tmp_path_factory.mktemp("slow-smoke"), SLOW_SMOKE)
 
 
 class _Driver:
@@ -264,8 +254,8 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_worker_fails_its_fit_the_rest_finish_and_resume_completes(serial_reference, tmp_path):
-    suite = _suite_file(tmp_path, SLOW_SMOKE)
+def test_a_killed_worker_fails_its_fit_the_rest_finish_and_resume_completes(serial_reference, slow_smoke, tmp_path):
+    suite = slow_smoke
     reference = value_rows(serial_reference(suite))
     fits = _fit_cells(suite)
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
@@ -287,6 +277,7 @@ def test_a_killed_worker_fails_its_fit_the_rest_finish_and_resume_completes(seri
     os.kill(pid, signal.SIGKILL)
     code, lines = driver.finish()
     assert code == 1, lines  # some cells failed; the run finished every other cell
+    assert not any("Traceback" in line or "leaked" in line for line in lines), lines
     rows = read_rows(run_dir)[0]
     failed = {r["cell_id"] for r in rows if r["status"] == "failed"}
     assert failed and failed <= set(fits[fit][1:]), "only unfinished cells of the killed fit fail"
@@ -300,17 +291,17 @@ def test_a_killed_worker_fails_its_fit_the_rest_finish_and_resume_completes(seri
 
 
 @pytest.mark.slow
-def test_two_runs_on_one_directory_the_second_stops(serial_reference, tmp_path):
-    suite = _suite_file(tmp_path, SLOW_SMOKE)
+def test_two_runs_on_one_directory_the_second_stops(serial_reference, slow_smoke, tmp_path, capsys):
+    suite = slow_smoke
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     first = _Driver("--all", "--suite", suite, "--out", str(run_dir), "--cache-dir", str(cache), "--no-report",
-                    "--quiet", cwd=tmp_path)
+                    "--quiet", "--executor", "serial", cwd=tmp_path)
     _wait_until(lambda: len(_finished_cells(run_dir)) >= 1)
     for args, says in ((["--resume", str(run_dir)], f"in use by process {first.process.pid}"),
                        (["--all", "--suite", suite, "--out", str(run_dir)], "already holds run")):
-        second = _Driver(*args, "--cache-dir", str(cache), "--no-report", "--quiet", cwd=tmp_path)
-        code, lines = second.finish()
-        assert code == 2 and len(lines) == 1 and says in lines[0], lines
+        assert main(["run", *args, "--cache-dir", str(cache), "--no-report", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
     assert first.process.poll() is None, "the first run must still be running when the second starts"
     code, lines = first.finish()
     assert code == 0, lines
@@ -318,8 +309,8 @@ def test_two_runs_on_one_directory_the_second_stops(serial_reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_workers_and_says_how_to_resume(serial_reference, tmp_path):
-    suite = _suite_file(tmp_path, SLOW_SMOKE)
+def test_ctrl_c_ends_the_workers_and_says_how_to_resume(serial_reference, slow_smoke, tmp_path):
+    suite = slow_smoke
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     driver = _Driver("--all", "--suite", suite, "--out", str(run_dir), "--cache-dir", str(cache), "--no-report",
                      "--executor", "process", "--workers", "2", cwd=tmp_path, session=True)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+from tqdm import tqdm
+
 from bench.data import Dataset
 
 from ..fit_task import FitTask, run_fit, shippable
@@ -142,7 +144,11 @@ def _stop(worker: _Worker, *, graceful: bool) -> None:
 def _serve(conn: Connection, threads: int) -> None:
     """A worker's life: set its threads, then run each fit it is sent and stream the results back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which ends the workers
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     threading.Thread(target=_exit_with_driver, daemon=True).start()
+    # tqdm's default lock is a multiprocessing semaphore, which a killed worker would leave behind (and the
+    # resource tracker warn about); a worker draws no bars, so a thread lock does.
+    tqdm.set_lock(threading.RLock())
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     apply_threads(threads)
     datasets: dict[str, Dataset] = {}
@@ -155,6 +161,11 @@ def _serve(conn: Connection, threads: int) -> None:
             conn.send(_DONE)
     except (EOFError, BrokenPipeError):  # the driver is gone: nobody would write what this worker makes
         return
+
+
+def _exit_on_terminate(signum, frame) -> None:
+    """SIGTERM from the driver: exit through Python, so the worker's semaphores (tqdm's lock) are released."""
+    raise SystemExit(0)
 
 
 def _exit_with_driver() -> None:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding the bench package
 
 
-@ray.remote(max_retries=0)
+@ray.remote(max_retries=0, num_returns="streaming")  # each yield comes back as it is made
 def _fit(task: FitTask, dataset: Dataset, threads: int) -> Iterator[CellResult]:
     apply_threads(threads)  # a Ray worker is reused across tasks: set on every task
     yield from run_fit(task, dataset)
