@@ -23,7 +23,7 @@ import torch
 
 from bench.cli import main
 from bench.plan.fits import prepare
-from bench.plan.suite import SUITES_DIR, load_suite
+from bench.plan.suite import load_suite
 from bench.run.evaluate import TIMING_METRICS
 from bench.run.executors import ExecutorSettings, configure
 from bench.run.threads import plan_parallelism
@@ -190,17 +190,6 @@ def test_shipped_suites_give_the_serial_values_on_two_workers(serial_reference, 
     assert value_rows(tmp_path / "run") == value_rows(serial_reference(suite))
 
 
-# The smoke suite with one expensive cell per fit (IWAE-20000 log p(x), about a second), so a signal sent
-# right after a fit's training cell lands while that fit still has cells to run.
-SLOW_SMOKE = (SUITES_DIR / "smoke.toml").read_text().replace('name = "smoke"', 'name = "slow-smoke"').replace(
-    'method = "auto"\nk = 100', 'method = "auto"\nk = 20000')
-
-
-@pytest.fixture(scope="module")
-def slow_smoke(tmp_path_factory) -> str:
-    return _suite_file(tmp_path_factory.mktemp("slow-smoke"), SLOW_SMOKE)
-
-
 class _Driver:
     """`python -m bench run` in a subprocess, its stderr collected line by line as it comes."""
 
@@ -228,7 +217,7 @@ class _Driver:
         return code, [line for line in self.lines if line.strip()]
 
 
-def _finished_cells(run_dir: Path) -> set[str]:
+def finished_cells(run_dir: Path) -> set[str]:
     return {c["cell_id"] for c in read_jsonl(run_dir / CELLS_FILE)[0]} if (run_dir / CELLS_FILE).exists() else set()
 
 
@@ -264,7 +253,7 @@ def test_a_killed_worker_fails_its_fit_the_rest_finish_and_resume_completes(seri
     victim: list[tuple[str, int]] = []
 
     def trained_and_running() -> bool:  # a worker whose digits fit is trained and still has cells to run
-        done = _finished_cells(run_dir)
+        done = finished_cells(run_dir)
         for fit, pid in driver.workers().items():
             cells = fits[fit]
             if fit.startswith("digits") and cells[0] in done and not set(cells) <= done:
@@ -296,7 +285,7 @@ def test_two_runs_on_one_directory_the_second_stops(serial_reference, slow_smoke
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     first = _Driver("--all", "--suite", suite, "--out", str(run_dir), "--cache-dir", str(cache), "--no-report",
                     "--quiet", "--executor", "serial", cwd=tmp_path)
-    _wait_until(lambda: len(_finished_cells(run_dir)) >= 1)
+    _wait_until(lambda: len(finished_cells(run_dir)) >= 1)
     for args, says in ((["--resume", str(run_dir)], f"in use by process {first.process.pid}"),
                        (["--all", "--suite", suite, "--out", str(run_dir)], "already holds run")):
         assert main(["run", *args, "--cache-dir", str(cache), "--no-report", "--quiet"]) == 2
@@ -314,7 +303,7 @@ def test_ctrl_c_ends_the_workers_and_says_how_to_resume(serial_reference, slow_s
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     driver = _Driver("--all", "--suite", suite, "--out", str(run_dir), "--cache-dir", str(cache), "--no-report",
                      "--executor", "process", "--workers", "2", cwd=tmp_path, session=True)
-    _wait_until(lambda: len(driver.workers()) == 2 and len(_finished_cells(run_dir)) >= 1)
+    _wait_until(lambda: len(driver.workers()) == 2 and len(finished_cells(run_dir)) >= 1)
     os.killpg(driver.process.pid, signal.SIGINT)  # Ctrl-C in a terminal: the driver and its whole group
     code, lines = driver.finish()
     assert code == 130, lines
