@@ -133,6 +133,9 @@ def test_a_locked_run_directory_refuses_a_second_writer(two_fits_serial, capsys)
     finally:
         holder.release()
     assert {name: (run_dir / name).read_bytes() for name in files} == files  # the refused ones wrote nothing
+    # Released: a resume may take it now; with every cell finished it starts no worker and writes no row.
+    assert main(["run", "--resume", str(run_dir), "--no-report", "--quiet", "--executor", "process"]) == 0
+    assert (run_dir / "results.jsonl").read_bytes() == files["results.jsonl"]
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):

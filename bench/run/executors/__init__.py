@@ -84,5 +84,8 @@ def configure(name: str, *, n_fits: int, device: torch.device, workers: int | No
 
 
 def run(tasks: Sequence[FitTask], datasets: Mapping[str, Dataset], settings: ExecutorSettings) -> Iterator[Event]:
+    """The events of the executor the settings name; closing this generator ends its workers."""
+    if not tasks:  # nothing left to run: start no workers (and no Ray instance)
+        return
     runner: Callable[..., Iterator[Event]] = importlib.import_module(EXECUTORS[settings.name][0]).run
-    return runner(tasks, datasets, settings)
+    yield from runner(tasks, datasets, settings)
