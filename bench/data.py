@@ -202,6 +202,17 @@ def _load_linear_gaussian(seed: int, data_dir: Path | None) -> Dataset:
     return _synthetic("linear-gaussian", seed, model.sample, model.exact_log_marginal)
 
 
+@register_dataset("gaussian-toy",
+                  description="Rainforth et al.'s Gaussian toy, x ~ N(mu, 2 I) in 20-D (2000/500/500); exact log p(x)")
+def _load_gaussian_toy(seed: int, data_dir: Path | None) -> Dataset:
+    from vaes.gaussian_toy import true_prior_mean
+
+    mu = true_prior_mean(20)  # p(x) = N(mu, 2 I): z ~ N(mu, I), x | z ~ N(z, I)
+    sample = lambda n, gen: mu + np.sqrt(2) * torch.randn(n, mu.shape[0], dtype=torch.float64, generator=gen)
+    log_prob = lambda x: (-0.5 * ((x - mu).pow(2) / 2 + np.log(4 * np.pi)).sum(-1))
+    return _synthetic("gaussian-toy", seed, sample, log_prob)
+
+
 def _mixture_loader(name: str, preset: str) -> Loader:
     def load(seed: int, data_dir: Path | None) -> Dataset:
         from vaes.mixture import get_mixture

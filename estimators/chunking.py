@@ -1,4 +1,8 @@
-"""Draws in chunks of K, the chunk chosen from a memory budget rather than hard-coded."""
+"""Draws in chunks of K, the chunk chosen from a memory budget rather than hard-coded.
+
+The chunk sets only how much is held at once, never which draws are made: each draw's noise
+comes from its own generator (``vaes.draws``), so the same seed gives the same values at any
+chunk or budget (up to the rounding of matrix products whose kernel depends on their size)."""
 from __future__ import annotations
 
 import math
@@ -48,6 +52,12 @@ def memory_budget_bytes(device: torch.device) -> int:
     return DEFAULT_CPU_BUDGET_MB * 2**20
 
 
+def check_chunk(chunk: int | None) -> None:
+    """A chunk, where given, is a positive number of draws (None: chosen from the memory budget)."""
+    if chunk is not None:
+        check_k(chunk, "chunk")
+
+
 def choose_chunk(model: LatentVariableModel, x: Tensor, k: int, budget_bytes: int | None = None) -> int:
     """The largest number of draws per chunk whose footprint fits the budget, at most K and at
     least MIN_CHUNK_ROWS rows (one draw for batches of that size or more)."""
@@ -58,11 +68,11 @@ def choose_chunk(model: LatentVariableModel, x: Tensor, k: int, budget_bytes: in
 
 
 def draw_chunks(model: LatentVariableModel, x: Tensor, k: int, chunk: int | None = None) -> Iterator[LogWeights]:
-    """Yield ``LogWeights`` for K draws in chunks of at most ``chunk`` (chosen from the budget if None)."""
-    check_k(k)
+    """Yield ``LogWeights`` for K draws in chunks of at most ``chunk`` (chosen from the budget if None).
+
+    K and the chunk were checked by the public estimator that asks."""
     if chunk is None:
         chunk = choose_chunk(model, x, k)
-    check_k(chunk)
     sizes = [min(chunk, k - done) for done in range(0, k, chunk)]
     for size, log_weights in zip(sizes, model.log_weight_chunks(x, sizes), strict=True):
         if log_weights.log_likelihood.shape != (size, x.shape[0]):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vaes.base import LatentVariableModel, check_k
+from vaes.base import LatentVariableModel, check_k, choose
 
-from .chunking import draw_chunks
+from .chunking import check_chunk, draw_chunks
 from .estimate import Estimate, RunningMoments
 
 KL_METHODS = ("auto", "analytic", "mc")
@@ -20,9 +20,9 @@ def kl_terms(model: LatentVariableModel, x: Tensor, *, samples: int = 1, method:
     none), "mc" (``samples`` draws, standard error from their spread), or "auto"
     (closed form where available for every layer, else Monte Carlo).
     """
-    if method not in KL_METHODS:
-        raise ValueError(f"unknown KL method {method!r}; choices: {', '.join(KL_METHODS)}")
-    check_k(samples)
+    choose("KL method", method, dict.fromkeys(KL_METHODS))
+    check_k(samples, "samples")
+    check_chunk(chunk)
     with torch.inference_mode():
         if method != "mc":
             closed = model.analytic_kl(x)

@@ -32,7 +32,7 @@ class ReportInputs:
         """The plots as PNG bytes (rendered once; ReportError without the [plot] extra)."""
         if self._images is None:
             from reports.plots import render_plots  # lazy: tables need no plotting library
-            self._images = render_plots(summarize(self.results))
+            self._images = render_plots(summarize(self.results), self.results)
         return self._images
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 
 from reports.cells import CONTINUOUS_ELBO, bound_order, natural_sorted, sort_models
 from reports.errors import ReportError
+from reports.gradient_plots import gradient_snr
 
 PLOT_EXTRA_HINT = "pip install 'elbo-bench[plot]'"
 PANEL_WIDTH, PANEL_HEIGHT, MAX_COLUMNS = 5.0, 3.8, 3
@@ -541,12 +542,20 @@ PLOTS: dict[str, Callable] = {
 }
 
 
-def render_plots(summary: pd.DataFrame) -> dict[str, bytes]:
-    """{plot name: PNG bytes} for every plot the summary has data for."""
+# file stem -> plot function of the result rows themselves (quantities the summary does not hold)
+ROW_PLOTS: dict[str, Callable] = {
+    "gradient_snr": gradient_snr,
+}
+
+
+def render_plots(summary: pd.DataFrame, results: pd.DataFrame | None = None) -> dict[str, bytes]:
+    """{plot name: PNG bytes} for every plot the summary (and the result rows, where given) has data for."""
     plt, sns = plotting()
+    figures = [(name, plot(summary, plt, sns)) for name, plot in PLOTS.items()]
+    if results is not None:
+        figures += [(name, plot(results, plt, sns)) for name, plot in ROW_PLOTS.items()]
     images = {}
-    for name, plot in PLOTS.items():
-        fig = plot(summary, plt, sns)
+    for name, fig in figures:
         if fig is None:
             continue
         fig.tight_layout()

@@ -37,6 +37,16 @@ def mnist_dir() -> Path:
     return Path(root)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight other test processes for cores.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def serial_reference(tmp_path_factory):
     """suite (a shipped name or a file) -> an uninterrupted serial run of it, made on first use and shared:

@@ -37,7 +37,8 @@ def _sorted_rows(array: np.ndarray) -> np.ndarray:
 # --- registry -------------------------------------------------------------------------------------
 
 def test_registry_lists_every_dataset_with_a_one_line_description():
-    assert list_datasets() == ["binarized-mnist", "digits", "linear-gaussian", "mixture-16d", "mixture-2d"]
+    assert list_datasets() == ["binarized-mnist", "digits", "gaussian-toy", "linear-gaussian", "mixture-16d",
+                               "mixture-2d"]
     descriptions = dataset_descriptions()
     assert set(descriptions) == set(list_datasets())
     assert all(text and "\n" not in text for text in descriptions.values())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,9 @@ import torch
 import estimators as E
 import vaes
 from estimators.chunking import BUDGET_ENV, MIN_CHUNK_ROWS, choose_chunk
+from estimators.diffusion import reduce_diffusion_draws
 from estimators.estimate import RunningLogMeanExp, RunningMoments
-from vaes.base import LatentVariableModel, LogWeights
+from vaes.base import DiffusionDraws, LatentVariableModel, LogWeights, MissingCapability, UnknownChoice, choose
 
 
 class ReplayModel(LatentVariableModel):
@@ -45,45 +47,15 @@ def test_streaming_logmeanexp_equals_one_shot_for_k_5000():
     torch.testing.assert_close(got.terms["ess"], w.sum(0) ** 2 / w.pow(2).sum(0), rtol=1e-10, atol=0)
 
 
-def test_chunked_iwae_of_a_real_model_equals_unchunked_on_the_same_draws():
+def test_chunked_iwae_of_a_real_model_equals_one_log_weights_call_on_the_same_draws():
     model = vaes.create_model("vae", data_dim=64, latent_dim=8, hidden=(32,)).double()
     x = (torch.rand(16, 64, dtype=torch.float64) > 0.5).double()
     torch.manual_seed(5)
     chunked = E.iwae(model, x, k=5000, chunk=300)
     torch.manual_seed(5)
-    sizes = [300] * 16 + [200]
     with torch.no_grad():
-        draws = torch.cat([model.log_weights(x, size).total() for size in sizes])
+        draws = model.log_weights(x, 5000).total()
     torch.testing.assert_close(chunked.value, torch.logsumexp(draws, 0) - math.log(5000), rtol=0, atol=1e-5)
-
-
-# Small models whose data fit one block of the fast decoder, so block boundaries cannot change rounding.
-_CHUNKED_MODELS = [
-    ("vae", {"data_dim": 40, "latent_dim": 5, "hidden": (16,)}),
-    ("hvae", {"data_dim": 40, "latent_dims": (5, 3), "hidden": ((16,), (8,))}),
-    ("linear-gaussian", {}),  # the protocol's default: one log_weights call per chunk
-]
-
-
-@pytest.mark.parametrize("name, config", _CHUNKED_MODELS)
-@pytest.mark.parametrize("autograd", [False, True], ids=["evaluation", "training"])
-def test_log_weight_chunks_are_successive_log_weights_calls(name, config, autograd):
-    model = vaes.create_model(name, **config).double()
-    x = (torch.rand(6, model.config.data_dim, dtype=torch.float64) > 0.5).double()
-    sizes = [3, 5, 1]
-    with torch.set_grad_enabled(autograd):
-        torch.manual_seed(2)
-        chunked = list(model.log_weight_chunks(x, sizes))
-        torch.manual_seed(2)
-        one_by_one = [model.log_weights(x, k) for k in sizes]
-    assert len(chunked) == len(sizes)
-    for got, expected, k in zip(chunked, one_by_one, sizes):
-        parts = [got.log_likelihood, *got.log_prior.values(), *got.log_posterior.values()]
-        expected_parts = [expected.log_likelihood, *expected.log_prior.values(), *expected.log_posterior.values()]
-        assert got.log_likelihood.shape == (k, 6)
-        for part, expected_part in zip(parts, expected_parts, strict=True):
-            assert torch.equal(part, expected_part)
-        assert got.log_likelihood.requires_grad == autograd
 
 
 def test_running_moments_match_torch():
@@ -121,7 +93,67 @@ def test_running_logmeanexp_survives_huge_offsets():
     acc.update(torch.tensor([[-1e4], [-1e4 + 1]], dtype=torch.float64))
     acc.update(torch.tensor([[1e3]], dtype=torch.float64))  # a new max far above the old one
     expected = torch.logsumexp(torch.tensor([-1e4, -1e4 + 1, 1e3], dtype=torch.float64), 0) - math.log(3)
-    torch.testing.assert_close(acc.log_mean(), expected.reshape(1))
+    torch.testing.assert_close(acc.log_mean(), expected.reshape(1, 1))
+
+
+def _zero_weight_table() -> torch.Tensor:
+    """[8, 3] log weights: column 0 starts with 3 zero weights (-inf), so a first chunk of 1 or 2
+    holds nothing else; column 1 is all zero weights; column 2 has one zero weight in the middle."""
+    table = torch.randn(8, 3, dtype=torch.float64)
+    table[:3, 0] = -torch.inf
+    table[:, 1] = -torch.inf
+    table[4, 2] = -torch.inf
+    return table
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_zero_weights_give_the_same_iwae_in_any_chunks_and_minus_inf_when_all_are_zero(chunk):
+    table = _zero_weight_table()
+    got = E.iwae(ReplayModel(table), torch.zeros(3, 1), k=8, chunk=chunk)
+    expected = torch.logsumexp(table, 0) - math.log(8)  # torch's one-shot reduction handles -inf
+    assert got.value[1] == -torch.inf
+    torch.testing.assert_close(got.value, expected, rtol=0, atol=1e-12)
+    # ESS of the positive weights; an example without any has ESS 0 and an unbounded error.
+    with_weight = table[:, [0, 2]]
+    w = torch.exp(with_weight - with_weight.max(0).values)
+    torch.testing.assert_close(got.terms["ess"][[0, 2]], w.sum(0) ** 2 / w.pow(2).sum(0), rtol=1e-12, atol=0)
+    assert got.terms["ess"][1] == 0 and got.stderr[1] == torch.inf
+    assert torch.isfinite(got.stderr[[0, 2]]).all()
+
+
+def test_zero_weights_in_replicates_and_in_the_elbo_give_minus_inf_with_an_unbounded_error():
+    table = _zero_weight_table()
+    replicated = E.iwae(ReplayModel(table), torch.zeros(3, 1), k=4, replicates=2, chunk=3)
+    halves = torch.logsumexp(table.view(2, 4, 3), 1) - math.log(4)  # [R, B]
+    torch.testing.assert_close(replicated.value, halves.mean(0), rtol=0, atol=1e-12)
+    # Column 0's first replicate is 3 zero weights and one positive one: finite.
+    assert torch.isfinite(replicated.value[[0, 2]]).all() and replicated.value[1] == -torch.inf
+    assert replicated.stderr[1] == torch.inf and torch.isfinite(replicated.stderr[[0, 2]]).all()
+    bound = E.elbo(ReplayModel(table), torch.zeros(3, 1), samples=8, analytic_kl=False, chunk=3)
+    assert (bound.value == -torch.inf).all() and (bound.stderr == torch.inf).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 20])
+def test_replicates_are_consecutive_groups_of_k_draws_whatever_the_chunk(chunk):
+    # R = 4 replicates of K = 5 from a table of 20 draws; chunks of 3 straddle replicates.
+    table = 2.0 * torch.randn(20, 6, dtype=torch.float64)
+    got = E.iwae(ReplayModel(table), torch.zeros(6, 1), k=5, replicates=4, chunk=chunk)
+    per_replicate = torch.logsumexp(table.view(4, 5, 6), 1) - math.log(5)  # [R, B]
+    torch.testing.assert_close(got.value, per_replicate.mean(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.stderr, per_replicate.std(0) / 2, rtol=1e-10, atol=0)
+    assert got.stderr_dof == 3
+    # The delta-method error of the mean of 4 kept for comparison: sqrt(sum of squares) / 4.
+    w = torch.exp(table.view(4, 5, 6) - table.view(4, 5, 6).max(1, keepdim=True).values)
+    ess = w.sum(1) ** 2 / w.pow(2).sum(1)
+    delta = torch.sqrt((5 / ess - 1) / 4)
+    torch.testing.assert_close(got.terms["delta_stderr"], delta.pow(2).sum(0).sqrt() / 4, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.terms["ess"], ess.mean(0), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0, 2.0, True])
+def test_bad_replicates_are_rejected(bad):
+    with pytest.raises(ValueError, match="replicates must be an integer >= 1"):
+        E.iwae(ReplayModel(torch.zeros(4, 1)), torch.zeros(1, 1), k=2, replicates=bad)
 
 
 def test_chunk_is_chosen_from_the_memory_budget(monkeypatch):
@@ -203,7 +235,7 @@ def test_iwae_objective_value_equals_the_iwae_bound_on_the_same_draws():
 
 def test_unknown_objective_lists_choices():
     model = vaes.create_model("vae", data_dim=4, latent_dim=2, hidden=(4,))
-    with pytest.raises(ValueError, match="choices: beta-elbo, diffusion, elbo, iwae"):
+    with pytest.raises(ValueError, match="choices: beta-elbo, ciwae, diffusion, elbo, iwae, miwae, piwae"):
         E.training_objective(model, torch.zeros(2, 4), vaes.Objective("renyi"))
 
 
@@ -216,14 +248,71 @@ def test_log_marginal_auto_picks_exact_or_iwae():
     assert est.method == "iwae" and est.value.shape == (3,)
     with pytest.raises(ValueError, match="no exact log p"):
         E.log_marginal(vae, torch.zeros(3, 8), method="exact")
-    with pytest.raises(ValueError, match="choices: auto, exact, iwae"):
-        E.log_marginal(vae, torch.zeros(3, 8), method="ais")
+    with pytest.raises(ValueError, match="choices: ais, auto, exact, iwae"):
+        E.log_marginal(vae, torch.zeros(3, 8), method="renyi")
 
 
 def test_a_chunk_of_the_wrong_shape_is_named():
     class OneDrawShort(ReplayModel):
-        def log_weights(self, x, k):
-            return super().log_weights(x, k - 1)
+        def log_weight_chunks(self, x, sizes):
+            for k in sizes:
+                yield self.log_weights(x, k - 1)
 
     with pytest.raises(ValueError, match=r"OneDrawShort log weights of a chunk have shape \(2, 4\), expected \[3, 4\]"):
         E.iwae(OneDrawShort(torch.zeros(10, 4)), torch.zeros(4, 1), k=3, chunk=3)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: E.elbo(m, x, samples=0), "samples must be an integer >= 1, got 0"),
+    (lambda m, x: E.elbo(m, x, samples=2, chunk=0), "chunk must be an integer >= 1, got 0"),
+    (lambda m, x: E.iwae(m, x, k=5, chunk=1.5), "chunk must be an integer >= 1, got 1.5"),
+    (lambda m, x: E.kl_terms(m, x, samples=-2, method="mc"), "samples must be an integer >= 1, got -2"),
+    (lambda m, x: E.log_marginal(m, x, k=0), "k must be an integer >= 1, got 0"),
+    (lambda m, x: E.log_marginal(m, x, method="exact", k=0), "k must be an integer >= 1, got 0"),
+    (lambda m, x: E.kl_terms(m, x, method="guess"), "unknown KL method 'guess'; choices: analytic, auto, mc"),
+])
+def test_each_estimator_names_its_bad_argument(call, message):
+    model = vaes.create_model("vae", data_dim=8, latent_dim=2, hidden=(4,))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(model, torch.zeros(2, 8))
+
+
+def test_choose_names_the_choices_sorted():
+    table = {"b": 2, "a": 1}
+    assert choose("letter", "a", table) == 1
+    with pytest.raises(UnknownChoice, match=re.escape("unknown letter 'c'; choices: a, b")):
+        choose("letter", "c", table)
+    with pytest.raises(UnknownChoice, match=re.escape("unknown letter ['a']; choices: a, b")):
+        choose("letter", ["a"], table)  # unhashable: still the one clear error
+
+
+def test_diffusion_elbo_reduces_the_draws_as_mean_minus_prior_with_quadrature_errors():
+    s = 6
+    recon = torch.randn(s, 3, dtype=torch.float64)
+    diffusion = torch.rand(s, 3, dtype=torch.float64)
+    prior = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    got = reduce_diffusion_draws(DiffusionDraws(recon, prior, diffusion))
+    torch.testing.assert_close(got.value, recon.mean(0) - prior - diffusion.mean(0), rtol=0, atol=1e-15)
+    variance = (recon.var(0) + diffusion.var(0)) / s  # unbiased sample variances of two independent means
+    torch.testing.assert_close(got.stderr, variance.sqrt(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.terms["diffusion_stderr"], (diffusion.var(0) / s).sqrt(), rtol=1e-12, atol=0)
+    one = reduce_diffusion_draws(DiffusionDraws(recon[:1], prior, diffusion[:1]))
+    assert one.stderr is None and "reconstruction_stderr" not in one.terms
+
+
+def test_diffusion_objective_is_the_diffusion_elbo_on_the_same_draws():
+    model = vaes.create_model("vdm", data_dim=5, steps=4, hidden=(8,))
+    x = (torch.rand(6, 5) > 0.5).float()
+    torch.manual_seed(3)
+    surrogate = E.training_objective(model, x, vaes.Objective("diffusion", k=4))
+    torch.manual_seed(3)
+    bound = E.diffusion_elbo(model, x, samples=4)
+    assert torch.equal(surrogate.detach(), bound.value)
+
+
+def test_diffusion_needs_the_declared_capability():
+    model = vaes.create_model("vae", data_dim=8, latent_dim=2, hidden=(4,))
+    with pytest.raises(MissingCapability, match="diffusion_elbo needs a model with 'diffusion_terms'"):
+        E.diffusion_elbo(model, torch.zeros(2, 8), samples=2)
+    with pytest.raises(MissingCapability, match="objective 'diffusion' needs a model with 'diffusion_terms'"):
+        E.training_objective(model, torch.zeros(2, 8), vaes.Objective("diffusion", k=2))

@@ -153,7 +153,7 @@ def closed_form_elbo(model: LinearGaussian, x: torch.Tensor) -> torch.Tensor:
 
     E_q |x - W z - mu|^2 = |x - W m - mu|^2 + tr(W S W^T) with S = diag(s^2).
     """
-    mean, scale_tril = model.posterior(x)
+    mean, scale_tril = model.encode(x)
     cov = scale_tril @ scale_tril.T
     residual = x - mean @ model.weight.T - model.mu
     expected_sq = residual.pow(2).sum(-1) + torch.trace(model.weight @ cov @ model.weight.T)

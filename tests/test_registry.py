@@ -10,6 +10,16 @@ import torch
 import estimators as E
 import vaes
 from vaes import registry
+from vaes.base import (
+    CAPABILITIES,
+    DIFFUSION_TERMS,
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    DiffusionDraws,
+    MissingCapability,
+    ModelStructure,
+)
 
 ALL_MODELS = vaes.list_models()
 
@@ -145,3 +155,108 @@ def test_kl_terms_cover_every_layer_and_sum_to_the_elbo_kl(model):
     assert set(kls) == set(model.layers)
     for estimate in kls.values():
         assert estimate.value.shape == (6,) and bool(torch.isfinite(estimate.value).all())
+
+
+# --- declared structure and capabilities ----------------------------------------------------------
+
+# Besides each model's defaults, settings that change what the structure must say.
+STRUCTURE_VARIANTS = [
+    *((name, {}) for name in ALL_MODELS),
+    ("hvae", {"n_layers": 3, "latent_dims": 2, "hidden": (4,), "data_dim": 6}),
+    ("vdm", {"time": "continuous", "log_weights_steps": 3, "data_dim": 5, "hidden": (8,)}),
+    ("vdm", {"steps": 4, "data_dim": 5, "likelihood": "gaussian", "hidden": (8,)}),
+    ("vdm-oracle", {"mixture": "random-16d", "data_dim": 16, "steps": 2}),
+    ("vae", {"data_dim": 7, "latent_dim": 2, "hidden": (3,), "likelihood": "gaussian"}),
+]
+
+
+@pytest.mark.parametrize("name, config", STRUCTURE_VARIANTS)
+def test_structure_agrees_with_the_config_and_the_layers(name, config):
+    model = vaes.create_model(name, **config)
+    structure = model.structure()
+    assert isinstance(structure, ModelStructure)
+    assert structure.data_dim == model.config.data_dim
+    assert structure.latent_layers == len(model.layers)
+    assert structure.likelihood == model.config.likelihood
+    time = getattr(model.config, "time", None)  # only diffusion models have a time
+    assert structure.continuous_time == (time == "continuous")
+    assert structure.diffusion_steps == (model.config.steps if time == "discrete" else None)
+    x = tiny_batch(model, 2)  # data of the declared size is what log_weights takes
+    assert model.log_weights(x, 1).total().shape == (1, 2)
+
+
+def _use_log_joint(model, x):
+    z = model.sample_prior(3, x.shape[0])
+    assert set(z) == set(model.layers) and all(z[name].shape[:2] == (3, x.shape[0]) for name in model.layers)
+    return model.log_joint(x, z)  # [3, B]
+
+
+def _use_sample_joint(model, x):
+    data, z = model.sample_joint(3)
+    assert data.shape == (3, model.structure().data_dim)
+    assert set(z) == set(model.layers) and all(z[name].shape[0] == 3 for name in model.layers)
+    return torch.cat([data.flatten(), *(layer.flatten() for layer in z.values())])
+
+
+def _use_posterior(model, x):
+    q = model.posterior(x)
+    z = q.rsample(3)
+    assert set(z) == set(model.layers) and all(z[name].shape[:2] == (3, x.shape[0]) for name in model.layers)
+    return q.log_prob(z)  # [3, B]
+
+
+def _use_diffusion_terms(model, x):
+    draws = model.diffusion_loss_terms(x, samples=3)
+    assert isinstance(draws, DiffusionDraws)
+    assert draws.reconstruction.shape == draws.diffusion.shape == (3, x.shape[0])
+    assert draws.prior.shape == (x.shape[0],)
+    return torch.cat([draws.reconstruction, draws.diffusion, draws.prior[None]])
+
+
+# Each capability, exercised through every method it promises; each returns a tensor that must be finite.
+USE_CAPABILITY = {
+    LOG_JOINT: _use_log_joint,
+    SAMPLE_JOINT: _use_sample_joint,
+    POSTERIOR: _use_posterior,
+    DIFFUSION_TERMS: _use_diffusion_terms,
+}
+
+
+def test_every_capability_has_a_check():
+    assert set(USE_CAPABILITY) == set(CAPABILITIES)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_declared_capabilities_work_and_the_others_are_missing(model, capability):
+    x = tiny_batch(model, 4)
+    if model.supports(capability):
+        with torch.no_grad():
+            assert bool(torch.isfinite(USE_CAPABILITY[capability](model, x)).all())
+        model.require(capability, "this test")  # does not raise
+        return
+    with pytest.raises(MissingCapability):
+        USE_CAPABILITY[capability](model, x)
+    with pytest.raises(MissingCapability, match=f"this test needs a model with '{capability}'"):
+        model.require(capability, "this test")
+
+
+def test_a_capability_that_does_not_exist_is_named(model):
+    with pytest.raises(ValueError, match="unknown capability 'telepathy'; choices: diffusion_terms, log_joint"):
+        model.supports("telepathy")
+
+
+def test_posterior_and_log_joint_give_the_elbo_of_log_weights(model):
+    # Where a model declares both, log_joint(x, z) - log q(z | x) at draws of q is a log weight, so its mean
+    # over S draws and the estimators' ELBO (same model, other draws) differ by noise: within 4 standard
+    # errors of the difference of the two batch means (independent draws, errors added in quadrature).
+    if not (model.supports(POSTERIOR) and model.supports(LOG_JOINT)):
+        pytest.skip(f"{type(model).__name__} does not declare both posterior and log_joint")
+    x = tiny_batch(model, 8)
+    with torch.no_grad():
+        q = model.posterior(x)
+        z = q.rsample(400)
+        log_w = (model.log_joint(x, z) - q.log_prob(z)).double()  # [400, B]
+    mean = float(log_w.mean())
+    se = float(log_w.std(0).pow(2).sum().sqrt() / (math.sqrt(400) * x.shape[0]))
+    elbo = E.elbo(model, x, samples=400, analytic_kl=False)
+    assert abs(mean - elbo.mean()) <= 4 * math.hypot(se, elbo.mean_stderr()), (mean, elbo.mean())

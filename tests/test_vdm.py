@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import estimators
-from vaes import create_model
+from vaes import Objective, create_model
 from vaes.mixture import get_mixture
 from vaes.vdm import VDMConfig
 from vaes.vdm_oracle import MixtureDenoiser, single_gaussian_elbo_terms
@@ -61,7 +61,7 @@ def test_defaults_log_weights_shapes_finite_and_backward(likelihood, data, time)
 def test_loss_terms_backward_and_fixed_end_points():
     model = create_model("vdm", data_dim=8, likelihood="bernoulli", learn_endpoints=False, hidden=(16,))
     assert "ends" not in dict(model.named_parameters())
-    model.diffusion_loss_terms(_binary(6, 8), samples=2).elbo.mean().backward()
+    estimators.training_objective(model, _binary(6, 8), Objective("diffusion", k=2)).mean().backward()
     assert model.denoiser.net[-1].weight.grad.abs().sum() > 0
 
 
@@ -90,17 +90,19 @@ def test_discrete_loss_log_weights_agree_for_a_network():
     _random_network(model)
     x = _binary(100, 6)
     with torch.no_grad():
-        terms = model.diffusion_loss_terms(x, samples=2000)
+        diffusion_bound = estimators.diffusion_elbo(model, x, samples=2000)
     from_weights = estimators.elbo(model, x, samples=2000)
-    tolerance = Z * math.hypot(from_weights.mean_stderr(), _mean_se(terms.stderr))
-    assert abs(from_weights.mean() - float(terms.elbo.mean())) <= tolerance
-    assert from_weights.terms["reconstruction"].mean() == pytest.approx(float(terms.reconstruction.mean()), abs=0.05)
+    tolerance = Z * math.hypot(from_weights.mean_stderr(), _mean_se(diffusion_bound.stderr))
+    assert abs(from_weights.mean() - float(diffusion_bound.value.mean())) <= tolerance
+    reconstruction = float(diffusion_bound.terms["reconstruction"].mean())
+    assert from_weights.terms["reconstruction"].mean() == pytest.approx(reconstruction, abs=0.05)
 
 
 def _diffusion_loss(model, x: torch.Tensor) -> torch.Tensor:
     """Per-example diffusion loss with common random numbers (the same generator seed for every T)."""
     with torch.no_grad():
-        return model.diffusion_loss_terms(x, samples=8, generator=torch.Generator().manual_seed(4)).diffusion
+        bound = estimators.diffusion_elbo(model, x, samples=8, generator=torch.Generator().manual_seed(4))
+        return bound.terms["diffusion"]
 
 
 def _assert_doubling_never_hurts(model_at, x: torch.Tensor, steps_grid: list[int]) -> torch.Tensor:
@@ -139,7 +141,8 @@ def test_continuous_loss_is_the_limit_of_the_discrete_one_for_a_network():
         model = create_model("vdm", **model_kw, **config)
         model.load_state_dict(state)
         with torch.no_grad():
-            return model.diffusion_loss_terms(x, samples=8, generator=torch.Generator().manual_seed(7)).diffusion
+            bound = estimators.diffusion_elbo(model, x, samples=8, generator=torch.Generator().manual_seed(7))
+            return bound.terms["diffusion"]
 
     limit = loss(time="continuous")
     errors = []
@@ -158,13 +161,13 @@ def test_gaussian_data_with_its_optimal_denoiser_matches_the_analytic_elbo(confi
     model = create_model("vdm", data_dim=4, likelihood="gaussian", gamma_min=-10.0, gamma_max=6.0, **config)
     model.denoiser = MixtureDenoiser(mixture)
     with torch.no_grad():
-        terms = model.diffusion_loss_terms(x, samples=16, generator=torch.Generator().manual_seed(3))
+        diffusion_bound = estimators.diffusion_elbo(model, x, samples=16, generator=torch.Generator().manual_seed(3))
     n = model.trajectory_steps
     gammas = torch.linspace(-10.0, 6.0, n + 1, dtype=torch.float64)
     exact = single_gaussian_elbo_terms(mixture.means[0], mixture.stds[0] ** 2, x, gammas)
     diffusion = exact["diffusion_continuous" if "time" in config else "diffusion_discrete"]
     exact_elbo = (exact["reconstruction"] - exact["prior"] - diffusion).mean()
-    assert abs(float(terms.elbo.mean() - exact_elbo)) <= Z * _mean_se(terms.stderr)
+    assert abs(float(diffusion_bound.value.mean() - exact_elbo)) <= Z * _mean_se(diffusion_bound.stderr)
 
 
 def test_doubling_steps_never_hurts_for_a_trained_network():
@@ -219,5 +222,6 @@ def test_one_continuous_time_state_serves_every_T():
         model.load_state_dict(trained.state_dict())
         assert len(model.layers) == steps + 1 and model.trajectory_steps == steps
         with torch.no_grad():  # the training loss (L_inf) does not see log_weights_steps at all
-            limits.append(model.diffusion_loss_terms(x, samples=4, generator=torch.Generator().manual_seed(1)).elbo)
+            generator = torch.Generator().manual_seed(1)
+            limits.append(estimators.diffusion_elbo(model, x, samples=4, generator=generator).value)
     assert all(torch.equal(limits[0], other) for other in limits[1:])

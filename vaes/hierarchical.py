@@ -10,6 +10,7 @@ is exactly the MLP VAE (same modules, same random draws).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -17,15 +18,22 @@ import torch
 from torch import Tensor, nn
 
 from .base import (
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    Latents,
     LatentVariableModel,
     LogWeights,
     ModelStructure,
     Objective,
+    Posterior,
     as_objective,
     check_k,
     diagonal_normal_log_prob,
     standard_normal_log_prob,
 )
+from .draws import DrawNoise, GeneratorNoise, chunk_noise, draw_noise
+from .latents import gaussian_draw
 from .layers import (
     BernoulliLikelihood,
     GaussianHead,
@@ -33,6 +41,7 @@ from .layers import (
     mlp,
     prepare_decoder_log_prob,
     reparameterize,
+    reparameterize_noise,
 )
 from .registry import register_model
 
@@ -91,8 +100,7 @@ class HVAEConfig:
     objective: Objective = field(default_factory=Objective)  # what training maximizes (ELBO unless told)
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise ValueError(f"n_layers must be an integer >= 1, got {self.n_layers!r}")
+        check_k(self.n_layers, "n_layers")
         # TOML and JSON give lists; the hash and equality need tuples, one entry per layer.
         object.__setattr__(self, "latent_dims", _layer_latents(self.latent_dims, self.n_layers))
         object.__setattr__(self, "hidden", _layer_hidden(self.hidden, self.n_layers))
@@ -136,6 +144,8 @@ class HierarchicalVAE(LatentVariableModel):
     """Markovian hierarchical VAE: Gaussian q(z_1 | x), q(z_{l+1} | z_l); p(z_L) = N(0, I),
     Gaussian p(z_l | z_{l+1})."""
 
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
+
     def __init__(self, config: HVAEConfig):
         super().__init__()
         self.config = config
@@ -160,14 +170,17 @@ class HierarchicalVAE(LatentVariableModel):
         """K draws of z_1..z_L from q; the first encoder pass runs once per example, the rest per draw."""
         check_k(k)
         self.check_batch(x, self.config.data_dim)
-        return self._draw_posterior(self.up[0](x), k)
+        (noise,) = chunk_noise([k], x.device)
+        return self._draw_posterior(self.up[0](x), noise)
 
-    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], k: int) -> PosteriorDraws:
-        """K draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
-        z, log_q = reparameterize(*first_layer, k)  # [K, B, n_1], [K, B]
+    def _draw_posterior(self, first_layer: tuple[Tensor, Tensor], noise: DrawNoise | GeneratorNoise) -> PosteriorDraws:
+        """The chunk's draws from q given q(z_1 | x)'s mean and log sigma, [B, n_1] each."""
+        mean, log_std = first_layer
+        z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape, mean.dtype))  # [K, B, n_1], [K, B]
         draws, log_posterior = {self.layers[0]: z}, {self.layers[0]: log_q}
         for name, conditional in zip(self.layers[1:], self.up[1:]):
-            z, log_q = reparameterize(*conditional(z), None)  # [K, B, n_l], [K, B]
+            mean, log_std = conditional(z)  # [K, B, n_l]
+            z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape[1:], mean.dtype))
             draws[name], log_posterior[name] = z, log_q
         return PosteriorDraws(draws, log_posterior)
 
@@ -179,17 +192,12 @@ class HierarchicalVAE(LatentVariableModel):
         log_prior[self.layers[-1]] = standard_normal_log_prob(zs[-1])
         return {name: log_prior[name] for name in self.layers}
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        (log_weights,) = self.log_weight_chunks(x, [k])
-        return log_weights
-
     def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         self.check_batch(x, self.config.data_dim)
         first_layer = self.up[0](x)  # once per example, for every chunk of draws
         log_likelihood_of = prepare_decoder_log_prob(self.decoder, self.likelihood, x, max(sizes))
-        for k in sizes:
-            draws = self._draw_posterior(first_layer, k)
+        for noise in chunk_noise(sizes, x.device):
+            draws = self._draw_posterior(first_layer, noise)
             yield LogWeights(log_likelihood_of(draws.z[self.layers[0]]), self._log_priors(draws.z),
                              draws.log_posterior)
 
@@ -204,7 +212,7 @@ class HierarchicalVAE(LatentVariableModel):
         E_{q(z_{l-1} | x)}[mean of q(z_l | z_{l-1})], a Monte Carlo average over
         ``samples`` draws of the lower layers (random, so it uses the global RNG).
         """
-        check_k(samples)
+        check_k(samples, "samples")
         self.check_batch(x, self.config.data_dim)
         widest = max((*self.config.latent_dims, *(w for ws in self.config.hidden for w in ws)))
         rows = max(1, POSTERIOR_MEAN_CHUNK_ELEMENTS // (samples * widest))
@@ -238,6 +246,75 @@ class HierarchicalVAE(LatentVariableModel):
             return x.shape[0] * x.element_size() * (2 * upper + per_layer + 8)
         widest = max((c.data_dim, *(w for ws in c.hidden for w in ws)))
         return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest + per_layer)
+
+    # --- capabilities: log p(x, z) over every layer, ancestral draws, q(z | x) ----------------------
+
+    def log_prior(self, z: Latents) -> Tensor:
+        return sum(self._log_priors(z).values())
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.log_prior(z) + self.likelihood.log_prob(x, self.decoder(z[self.layers[0]]))
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
+        return self._draw_prior((n, batch), generator)
+
+    def _draw_prior(self, leading: tuple[int, ...], generator: torch.Generator | None) -> Latents:
+        """Ancestral draws z_L ~ N(0, I), then z_l ~ p(z_l | z_{l+1}); each layer [*leading, n_l]."""
+        weight = self.decoder[0].weight
+        z = torch.randn(*leading, self.config.latent_dims[-1], dtype=weight.dtype, device=weight.device,
+                        generator=generator)
+        draws = {self.layers[-1]: z}
+        for l in range(self.config.n_layers - 1, 0, -1):  # down[l - 1] is p(z_l | z_{l+1})
+            z = gaussian_draw(*self.down[l - 1](z), None, generator)
+            draws[self.layers[l - 1]] = z
+        return {name: draws[name] for name in self.layers}
+
+    @torch.no_grad()
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
+        z = self._draw_prior((n,), generator)
+        return self.likelihood.sample(self.decoder(z[self.layers[0]]), generator), z
+
+    def posterior(self, x: Tensor) -> AncestralPosterior:
+        self.check_batch(x, self.config.data_dim)
+        return AncestralPosterior(self, self.up[0](x))
+
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """Every q(z_{l+1} | z_l): the bottom-up conditionals ``up``."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("up.")}
+
+
+class AncestralPosterior(Posterior):
+    """q(z | x) = q(z_1 | x) prod_l q(z_{l+1} | z_l): drawn layer by layer, its density summed over layers."""
+
+    def __init__(self, model: HierarchicalVAE, first_layer: tuple[Tensor, Tensor], detach: bool = False):
+        self.model, self.first_layer = model, first_layer  # mean and log sigma of q(z_1 | x), [B, n_1] each
+        self.detach = detach  # True: the conditionals q(z_{l+1} | z_l) run with their parameters detached
+
+    def _conditional(self, index: int, below: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log sigma of q(z_{index+1} | z_index = below): with detached parameters, the gradient
+        still flows through ``below``."""
+        conditional = self.model.up[index]
+        if not self.detach:
+            return conditional(below)
+        frozen = {name: p.detach() for name, p in conditional.named_parameters()}
+        return torch.func.functional_call(conditional, frozen, (below,))
+
+    def detached(self) -> AncestralPosterior:
+        mean, log_std = self.first_layer
+        return AncestralPosterior(self.model, (mean.detach(), log_std.detach()), detach=True)
+
+    def rsample(self, k: int, *, generator: torch.Generator | None = None) -> Latents:
+        # The draws of log_weights under the same seed: layer 1, then each layer above it.
+        noise = draw_noise(k, self.first_layer[0].device, generator)
+        return self.model._draw_posterior(self.first_layer, noise).z
+
+    def log_prob(self, z: Latents) -> Tensor:
+        layers = self.model.layers
+        total = diagonal_normal_log_prob(z[layers[0]], *self.first_layer)
+        for index, (below, name) in enumerate(itertools.pairwise(layers), start=1):
+            total = total + diagonal_normal_log_prob(z[name], *self._conditional(index, z[below]))
+        return total
 
 
 @register_model("hvae")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
-from .base import diagonal_normal_log_prob
+from .base import choose, diagonal_normal_log_prob, noise_log_prob, standard_normal_log_prob_from_square_
+from .draws import DrawNoise
 
 # Name -> activation module; configs name one of these keys.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "silu": nn.SiLU}
@@ -18,13 +18,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "so
 
 def mlp(sizes: Sequence[int], activation: str, *, final_activation: bool = True) -> nn.Sequential:
     """Linear layers of the given sizes with ``activation`` between them (and after the last if asked)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choices: {', '.join(sorted(ACTIVATIONS))}")
+    make_activation = choose("activation", activation, ACTIVATIONS)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if final_activation or i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(make_activation())
     return nn.Sequential(*layers)
 
 
@@ -48,25 +47,27 @@ def reparameterize(mean: Tensor, log_std: Tensor, k: int | None) -> tuple[Tensor
     division by sigma is needed.
     """
     shape = mean.shape if k is None else (k, *mean.shape)
-    eps = torch.randn(shape, dtype=mean.dtype, device=mean.device)
-    z = mean + eps * torch.exp(log_std)
-    log_q = -0.5 * (eps.pow(2).sum(-1) + mean.shape[-1] * math.log(2 * math.pi)) - log_std.sum(-1)
-    return z, log_q
+    return reparameterize_noise(mean, log_std, torch.randn(shape, dtype=mean.dtype, device=mean.device))
+
+
+def reparameterize_noise(mean: Tensor, log_std: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """z = mean + sigma * eps for given standard noise eps [K, B, n] (mean, log_std broadcast to it), and log q(z)."""
+    return mean + eps * torch.exp(log_std), noise_log_prob(eps, log_std.sum(-1))
 
 
 class BernoulliLikelihood(nn.Module):
     """p(x | z) = prod_d Bernoulli(x_d; sigmoid(logit_d)); the decoder outputs one logit per dimension."""
 
     def log_prob(self, x: Tensor, logits: Tensor) -> Tensor:
-        # sum_d x_d l_d - softplus(l_d); x is [B, D], logits [..., B, D]. The x-term is a
-        # batched dot product, so x is never broadcast to the logits' shape. softplus(l) is
-        # written -log sigmoid(-l), exact for every l (F.softplus returns l itself past l = 20,
-        # an error of e^-20 per element that float64 can see).
-        x_term = torch.einsum("...bd,bd->...b", logits, x)
-        return x_term + F.logsigmoid(-logits).sum(-1)
+        """sum_d x_d l_d - softplus(l_d), [..., B], for x [B, D] and logits [..., B, D]."""
+        return _BernoulliLogProb.apply(logits, x)
 
     def mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits)
+
+    def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x ~ p(x | z), same shape as the logits."""
+        return torch.bernoulli(torch.sigmoid(logits), generator=generator)
 
 
 class GaussianLikelihood(nn.Module):
@@ -81,6 +82,11 @@ class GaussianLikelihood(nn.Module):
 
     def mean(self, decoder_output: Tensor) -> Tensor:
         return decoder_output
+
+    def sample(self, mean: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x ~ p(x | z), same shape as the decoder's mean."""
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        return mean + torch.exp(self.log_std) * noise
 
 
 # --- fast evaluation of an MLP decoder with a Bernoulli likelihood (no autograd) --------------------
@@ -148,8 +154,7 @@ def fold_mlp(net: nn.Sequential) -> list[FoldedLinear] | None:
 
 
 def _block_rows(rows: int, widest: int) -> int:
-    """Rows per block: about BLOCK_ELEMENTS of the widest layer, a multiple of 16 so that noise drawn
-    block by block is the same stream as one draw of the whole (CPU normal_ fills in 16s)."""
+    """Rows per block: about BLOCK_ELEMENTS of the widest layer, in steps of 16 rows."""
     return min(rows, max(16, BLOCK_ELEMENTS // widest // 16 * 16))
 
 
@@ -158,6 +163,56 @@ def _tile_rows(per_example: Tensor, block: int) -> Tensor:
     r % B, so the rows of any block starting at ``start`` are ``tiled[start % B:][:n]``."""
     reps = math.ceil(block / per_example.shape[0]) + 1
     return per_example.repeat(reps, *([1] * (per_example.dim() - 1)))
+
+
+class _BernoulliLogProb(torch.autograd.Function):
+    """sum_d x_d l_d - softplus(l_d) over the last dimension, exact for every l, with its gradient
+    x - sigmoid(l) written out.
+
+    Forward, as in the blocked decoder: (x - 1/2) l - |l| / 2 + log sigmoid(|l|), with the logs
+    taken on group products, in one [..., B, D] buffer (x is never broadcast into a tensor of its
+    own). Backward is one sigmoid, one subtraction and one product in the output tensor. Autograd
+    through log-sigmoid and a dot product instead costs several passes and fresh [..., B, D]
+    tensors (each a round of page faults on CPU) and a transposing copy; under HMC, which
+    differentiates this at every leapfrog step, that was most of the time.
+    """
+
+    @staticmethod
+    def forward(logits: Tensor, x: Tensor) -> Tensor:
+        buffer = torch.mul(logits, x - 0.5)
+        total = buffer.sum(-1)
+        magnitude = torch.abs(logits, out=buffer)
+        total -= 0.5 * magnitude.sum(-1)
+        total += _log_sigmoid_sum_(magnitude.view(-1, magnitude.shape[-1])).view(total.shape)
+        return total
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def vmap(info, in_dims: tuple[int | None, int | None], logits: Tensor, x: Tensor) -> tuple[Tensor, int]:
+        """Under torch.func.vmap (gradient_snr's repetitions): the logits already allow any leading
+        dimensions, so the mapped one goes first; a mapped x, which the fast form does not broadcast,
+        takes the plain formula."""
+        logits_dim, x_dim = in_dims
+        if x_dim is not None:
+            logits = logits if logits_dim is not None else logits.unsqueeze(0)
+            logits = logits.movedim(logits_dim or 0, 0)
+            x = x.movedim(x_dim, 0).reshape(info.batch_size, *([1] * (logits.dim() - x.dim())), *x.shape[1:])
+            return (x * logits - torch.nn.functional.softplus(logits)).sum(-1), 0
+        return _BernoulliLogProb.apply(logits.movedim(logits_dim, 0), x), 0
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        logits, x = ctx.saved_tensors
+        per_element = grad[..., None]
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(logits).sub_(x).mul_(-per_element)  # (x - sigmoid(l)) grad
+        if ctx.needs_input_grad[1]:
+            grad_x = (per_element * logits).reshape(-1, *x.shape).sum(0)
+        return grad_logits, grad_x
 
 
 def _log_sigmoid_sum_(a: Tensor) -> Tensor:
@@ -239,36 +294,36 @@ class GaussianBernoulliDraws:
     folded Bernoulli MLP decoder, log N(z; 0, I) and log q(z). Prepared once for a batch and
     called once per chunk of at most ``max_k`` draws.
 
-    The draws are made and consumed block by block, so nothing of size [K, B, n] exists and
-    memory does not grow with K beyond the [K, B] outputs. Each call's noise is the same stream
-    as ``reparameterize(mean, log_std, k)`` draws under the same seed, so both paths agree up to
-    rounding. No autograd.
+    The draws are made and consumed a few whole draws at a time (about one decoder block of
+    rows), so nothing of size [K, B, n] exists and memory does not grow with K beyond the
+    [K, B] outputs. The noise is the chunk's ``DrawNoise``, as on the plain path, so both paths
+    agree up to rounding. No autograd.
     """
 
     def __init__(self, layers: list[FoldedLinear], x: Tensor, mean: Tensor, log_std: Tensor, max_k: int):
         self.batch, self.latent = mean.shape
         self.decoder = BlockedBernoulliDecoder(layers, x, max_k * self.batch, widest_input=self.latent)
-        block = self.decoder.block
-        self.means, self.sigmas = _tile_rows(mean, block), _tile_rows(log_std.exp(), block)
-        self.log_std_sum = log_std.sum(-1)
-        self.eps_buffer, self.z_buffer = mean.new_empty(block, self.latent), mean.new_empty(block, self.latent)
+        self.draws_per_block = max(1, self.decoder.block // self.batch)
+        self.mean, self.sigma, self.log_std_sum = mean, log_std.exp(), log_std.sum(-1)
+        self.eps_buffer = mean.new_empty(self.draws_per_block, self.batch, self.latent)
+        self.z_buffer = torch.empty_like(self.eps_buffer)
 
-    def __call__(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """log p(x | z), log p(z) and log q(z) of K new draws, [K, B] each."""
-        batch, block = self.batch, self.decoder.block
-        rows = k * batch
-        log_lik, eps_sq, z_sq = self.eps_buffer.new_empty((3, rows))
-        for start in range(0, rows, block):
-            stop = min(start + block, rows)
-            n, offset = stop - start, start % batch
-            eps = self.eps_buffer[:n].normal_()
-            z = torch.addcmul(self.means[offset:offset + n], eps, self.sigmas[offset:offset + n], out=self.z_buffer[:n])
-            torch.linalg.vector_norm(eps, dim=-1, out=eps_sq[start:stop]).square_()
+    def __call__(self, noise: DrawNoise) -> tuple[Tensor, Tensor, Tensor]:
+        """log p(x | z), log p(z) and log q(z) of the chunk's draws, [K, B] each."""
+        k, batch, block = noise.count, self.batch, self.decoder.block
+        log_lik, eps_sq, z_sq = self.eps_buffer.new_empty((3, k * batch))
+        for first in range(0, k, self.draws_per_block):
+            n = min(self.draws_per_block, k - first)
+            eps = noise.fill_(self.eps_buffer[:n], first)
+            z = torch.addcmul(self.mean, eps, self.sigma, out=self.z_buffer[:n]).view(-1, self.latent)
+            start, stop = first * batch, (first + n) * batch
+            torch.linalg.vector_norm(eps.view(-1, self.latent), dim=-1, out=eps_sq[start:stop]).square_()
             torch.linalg.vector_norm(z, dim=-1, out=z_sq[start:stop]).square_()
-            self.decoder.decode_block(z, start, log_lik[start:stop])
-        constant = 0.5 * self.latent * math.log(2 * math.pi)
-        log_prior = z_sq.mul_(-0.5).sub_(constant)
-        log_q = eps_sq.mul_(-0.5).sub_(constant).view(k, batch).sub_(self.log_std_sum)
+            for row in range(start, stop, block):  # more than one block only when B exceeds a block
+                end = min(row + block, stop)
+                self.decoder.decode_block(z[row - start:end - start], row, log_lik[row:end])
+        log_prior = standard_normal_log_prob_from_square_(z_sq, self.latent)
+        log_q = standard_normal_log_prob_from_square_(eps_sq, self.latent).view(k, batch).sub_(self.log_std_sum)
         return log_lik.view(k, batch), log_prior.view(k, batch), log_q
 
 
@@ -296,6 +351,4 @@ def fast_bernoulli_decoder(decoder: nn.Sequential, likelihood: nn.Module) -> lis
 
 def make_likelihood(name: str, data_dim: int) -> nn.Module:
     factories = {"bernoulli": lambda: BernoulliLikelihood(), "gaussian": lambda: GaussianLikelihood(data_dim)}
-    if name not in factories:
-        raise ValueError(f"unknown likelihood {name!r}; choices: {', '.join(sorted(factories))}")
-    return factories[name]()
+    return choose("likelihood", name, factories)()

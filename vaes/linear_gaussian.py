@@ -11,15 +11,29 @@ on x, so nothing is lost by that).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .base import LatentVariableModel, LogWeights, ModelStructure, Objective, check_k, standard_normal_log_prob
+from .base import (
+    LOG_2PI,
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    Latents,
+    LatentVariableModel,
+    LogWeights,
+    ModelStructure,
+    Objective,
+    Posterior,
+    choose,
+    noise_log_prob,
+    standard_normal_log_prob,
+)
+from .draws import chunk_noise, draw_noise
 from .registry import register_model
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -37,8 +51,7 @@ class LinearGaussianConfig:
         if self.likelihood != "gaussian":
             raise ValueError(f"linear-gaussian models real-valued data only (likelihood 'gaussian'), "
                              f"got {self.likelihood!r}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; choices: {', '.join(sorted(ENCODERS))}")
+        choose("encoder", self.encoder, ENCODERS)
 
 
 class ExactPosterior(nn.Module):
@@ -68,6 +81,7 @@ ENCODERS: dict[str, type[nn.Module]] = {"exact": ExactPosterior, "amortized": Am
 
 class LinearGaussian(LatentVariableModel):
     layers = ("z",)
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
 
     def __init__(self, config: LinearGaussianConfig):
         super().__init__()
@@ -83,29 +97,34 @@ class LinearGaussian(LatentVariableModel):
     def sigma2(self) -> Tensor:
         return torch.exp(2 * self.log_sigma)
 
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q(z | x) as (mean [B, q], scale_tril [q, q])."""
         self.check_batch(x, self.config.data_dim)
         return self.encoder(self, x)
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        mean, scale_tril = self.posterior(x)
-        eps = torch.randn((k, *mean.shape), dtype=mean.dtype, device=mean.device)  # [K, B, q]
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
+        mean, scale_tril = self.encode(x)
+        for noise in chunk_noise(sizes, x.device):
+            yield self._log_weights_of_noise(x, mean, scale_tril, noise.normal(mean.shape, mean.dtype))
+
+    def _log_weights_of_noise(self, x: Tensor, mean: Tensor, scale_tril: Tensor, eps: Tensor) -> LogWeights:
+        """Log weights of z = mean + L eps for standard noise eps [K, B, q]."""
         z = mean + eps @ scale_tril.T
-        q = mean.shape[-1]
-        log_q = -0.5 * (eps.pow(2).sum(-1) + q * _LOG_2PI) - torch.log(torch.diagonal(scale_tril)).sum()
-        residual = x - (z @ self.weight.T + self.mu)  # [K, B, d]
+        log_q = noise_log_prob(eps, torch.log(torch.diagonal(scale_tril)).sum())
+        return LogWeights(self._log_likelihood(x, z), {"z": standard_normal_log_prob(z)}, {"z": log_q})
+
+    def _log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
+        """log N(x; W z + mu, sigma^2 I) for z [*S, B, q], [*S, B]."""
+        residual = x - (z @ self.weight.T + self.mu)  # [*S, B, d]
         d = x.shape[-1]
-        log_lik = -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (_LOG_2PI + 2 * self.log_sigma))
-        return LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
+        return -0.5 * (residual.pow(2).sum(-1) / self.sigma2 + d * (LOG_2PI + 2 * self.log_sigma))
 
     def structure(self) -> ModelStructure:
         return ModelStructure("linear-gaussian", latent_layers=1, data_dim=self.config.data_dim, likelihood="gaussian")
 
     def analytic_kl(self, x: Tensor) -> dict[str, Tensor]:
         """KL(N(m, L L^T) || N(0, I)) = 1/2 [tr(L L^T) + |m|^2 - q - log det(L L^T)]."""
-        mean, scale_tril = self.posterior(x)
+        mean, scale_tril = self.encode(x)
         q = mean.shape[-1]
         trace = scale_tril.pow(2).sum()
         log_det = 2 * torch.log(torch.diagonal(scale_tril)).sum()
@@ -114,16 +133,13 @@ class LinearGaussian(LatentVariableModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """n draws of x from the model, [n, d]: z ~ N(0, I), x = W z + mu + sigma eps."""
-        dtype = self.weight.dtype
-        z = torch.randn(n, self.config.latent_dim, dtype=dtype, generator=generator)
-        eps = torch.randn(n, self.config.data_dim, dtype=dtype, generator=generator)
-        return z @ self.weight.T + self.mu + torch.exp(self.log_sigma) * eps
+        return self.sample_joint(n, generator=generator)[0]
 
     def marginal_covariance(self) -> Tensor:
         """C = W W^T + sigma^2 I, [d, d]."""
         d = self.weight.shape[0]
-        identity = torch.eye(d, dtype=self.weight.dtype, device=self.weight.device)
-        return self.weight @ self.weight.T + self.sigma2 * identity
+        eye = torch.eye(d, dtype=self.weight.dtype, device=self.weight.device)
+        return self.weight @ self.weight.T + self.sigma2 * eye
 
     def exact_log_marginal(self, x: Tensor) -> Tensor:
         self.check_batch(x, self.config.data_dim)
@@ -131,7 +147,7 @@ class LinearGaussian(LatentVariableModel):
         white = torch.linalg.solve_triangular(chol, (x - self.mu).T, upper=False)  # [d, B]
         d = x.shape[-1]
         log_det = 2 * torch.log(torch.diagonal(chol)).sum()
-        return -0.5 * (white.pow(2).sum(0) + log_det + d * _LOG_2PI)
+        return -0.5 * (white.pow(2).sum(0) + log_det + d * LOG_2PI)
 
     @torch.no_grad()
     def fit_maximum_likelihood(self, data: Tensor) -> LinearGaussian:
@@ -166,6 +182,54 @@ class LinearGaussian(LatentVariableModel):
         self.encoder.proj.copy_(mean_map)
         self.encoder.shift.zero_()
         self.encoder.log_std.copy_(torch.log(torch.diagonal(scale_tril)))
+
+    # --- capabilities: log p(x, z), ancestral draws, q(z | x) -------------------------------------
+
+    def log_prior(self, z: Latents) -> Tensor:
+        return standard_normal_log_prob(z["z"])
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.log_prior(z) + self._log_likelihood(x, z["z"])
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
+        w = self.weight
+        return {"z": torch.randn(n, batch, self.config.latent_dim, dtype=w.dtype, device=w.device, generator=generator)}
+
+    @torch.no_grad()
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
+        """z ~ N(0, I), x = W z + mu + sigma eps: x [n, d], z [n, q]."""
+        w = self.weight
+        z = torch.randn(n, self.config.latent_dim, dtype=w.dtype, device=w.device, generator=generator)
+        eps = torch.randn(n, self.config.data_dim, dtype=w.dtype, device=w.device, generator=generator)
+        return z @ w.T + self.mu + torch.exp(self.log_sigma) * eps, {"z": z}
+
+    def posterior(self, x: Tensor) -> LinearGaussianPosterior:
+        return LinearGaussianPosterior(*self.encode(x))
+
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """The amortized encoder's A, b and log s; none for the exact encoder, whose q is made of W, mu, sigma."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("encoder.")}
+
+
+class LinearGaussianPosterior(Posterior):
+    """q(z | x) = N(mean, L L^T): mean [B, q], one lower-triangular scale L [q, q] for every example."""
+
+    def __init__(self, mean: Tensor, scale_tril: Tensor):
+        self.mean, self.scale_tril = mean, scale_tril
+
+    def rsample(self, k: int, *, generator: torch.Generator | None = None) -> Latents:
+        # The same draws as log_weights under the same seed: z = mean + eps L^T.
+        eps = draw_noise(k, self.mean.device, generator).normal(self.mean.shape, self.mean.dtype)
+        return {"z": self.mean + eps @ self.scale_tril.T}
+
+    def log_prob(self, z: Latents) -> Tensor:
+        # eps = (z - mean) L^-T, and log N = log N(eps; 0, I) - log det L.
+        eps = torch.linalg.solve_triangular(self.scale_tril.T, z["z"] - self.mean, upper=True, left=False)
+        return standard_normal_log_prob(eps) - torch.log(torch.diagonal(self.scale_tril)).sum()
+
+    def detached(self) -> LinearGaussianPosterior:
+        return LinearGaussianPosterior(self.mean.detach(), self.scale_tril.detach())
 
 
 def posterior_linear_map(model: LinearGaussian) -> tuple[Tensor, Tensor]:

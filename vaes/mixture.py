@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .base import LOG_2PI, choose
+
 
 @dataclass(frozen=True)
 class GaussianMixture:
@@ -25,7 +27,7 @@ class GaussianMixture:
         """log p(x), [B], computed in float64."""
         x = x.double()[:, None, :]  # [B, 1, D]
         per_component = -0.5 * (((x - self.means) / self.stds).pow(2) + 2 * torch.log(self.stds)
-                                + math.log(2 * math.pi)).sum(-1)  # [B, C]
+                                + LOG_2PI).sum(-1)  # [B, C]
         return torch.logsumexp(per_component + torch.log(self.weights), dim=1)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
@@ -68,6 +70,4 @@ MIXTURE_PRESETS: dict[str, Callable[[], GaussianMixture]] = {
 
 
 def get_mixture(name: str) -> GaussianMixture:
-    if name not in MIXTURE_PRESETS:
-        raise ValueError(f"unknown mixture {name!r}; choices: {', '.join(sorted(MIXTURE_PRESETS))}")
-    return MIXTURE_PRESETS[name]()
+    return choose("mixture", name, MIXTURE_PRESETS)()

@@ -9,18 +9,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import (
+    LOG_JOINT,
+    POSTERIOR,
+    SAMPLE_JOINT,
+    Latents,
     LatentVariableModel,
     LogWeights,
     ModelStructure,
     Objective,
     as_objective,
-    check_k,
     diagonal_normal_kl,
     standard_normal_log_prob,
 )
+from .draws import chunk_noise
+from .latents import DiagonalGaussianPosterior
 from .layers import (
     BernoulliLikelihood,
     GaussianBernoulliDraws,
@@ -28,7 +33,7 @@ from .layers import (
     fast_bernoulli_decoder,
     make_likelihood,
     mlp,
-    reparameterize,
+    reparameterize_noise,
 )
 from .registry import register_model
 
@@ -54,6 +59,7 @@ class MLPVAE(LatentVariableModel):
     """x -> hidden -> (mean, log sigma) of z; z -> mirrored hidden -> likelihood parameters of x."""
 
     layers = ("z",)
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
 
     def __init__(self, config: MLPVAEConfig):
         super().__init__()
@@ -69,22 +75,18 @@ class MLPVAE(LatentVariableModel):
         self.check_batch(x, self.config.data_dim)
         return self.posterior_head(self.encoder(x))
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
-        (log_weights,) = self.log_weight_chunks(x, [k])
-        return log_weights
-
     def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         mean, log_std = self.encode(x)  # once per example, for every chunk of draws
         folded = fast_bernoulli_decoder(self.decoder, self.likelihood)
         if folded is not None:  # evaluation: draws made and decoded block by block, same values
             draws = GaussianBernoulliDraws(folded, x, mean, log_std, max(sizes))
-            for k in sizes:
-                log_lik, log_prior, log_q = draws(k)
+            for noise in chunk_noise(sizes, x.device):
+                log_lik, log_prior, log_q = draws(noise)
                 yield LogWeights(log_lik, {"z": log_prior}, {"z": log_q})
             return
-        for k in sizes:
-            z, log_q = reparameterize(mean, log_std, k)  # z [K, B, latent], log_q [K, B]
+        for noise in chunk_noise(sizes, x.device):
+            # z [K, B, latent], log_q [K, B]
+            z, log_q = reparameterize_noise(mean, log_std, noise.normal(mean.shape, mean.dtype))
             log_lik = self.likelihood.log_prob(x, self.decoder(z))  # [K, B]
             yield LogWeights(log_lik, {"z": standard_normal_log_prob(z)}, {"z": log_q})
 
@@ -114,6 +116,32 @@ class MLPVAE(LatentVariableModel):
             return x.shape[0] * x.element_size() * 12
         widest = max((*c.hidden, c.data_dim))
         return x.shape[0] * x.element_size() * (6 * c.data_dim + 2 * widest)
+
+    # --- capabilities: log p(x, z), ancestral draws, q(z | x) -------------------------------------
+
+    def log_prior(self, z: Latents) -> Tensor:
+        return standard_normal_log_prob(z["z"])
+
+    def log_joint(self, x: Tensor, z: Latents) -> Tensor:
+        self.check_batch(x, self.config.data_dim)
+        return self.log_prior(z) + self.likelihood.log_prob(x, self.decoder(z["z"]))
+
+    def sample_prior(self, n: int, batch: int, *, generator: torch.Generator | None = None) -> Latents:
+        weight = self.decoder[0].weight
+        return {"z": torch.randn(n, batch, self.config.latent_dim, dtype=weight.dtype, device=weight.device,
+                                 generator=generator)}
+
+    @torch.no_grad()
+    def sample_joint(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Latents]:
+        z = self.sample_prior(n, 1, generator=generator)["z"][:, 0]  # [n, latent]
+        return self.likelihood.sample(self.decoder(z), generator), {"z": z}
+
+    def posterior(self, x: Tensor) -> DiagonalGaussianPosterior:
+        return DiagonalGaussianPosterior("z", *self.encode(x))
+
+    def inference_parameters(self) -> dict[str, nn.Parameter]:
+        """The encoder and q's Gaussian head."""
+        return {name: p for name, p in self.named_parameters() if name.startswith(("encoder.", "posterior_head."))}
 
 
 @register_model("vae")

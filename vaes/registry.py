@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from .base import LatentVariableModel
+from .base import LatentVariableModel, UnknownChoice, choose
 
 ENTRY_POINT_GROUP = "elbo_bench.models"
 
@@ -30,7 +30,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 _plugins_loaded = False
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(UnknownChoice, KeyError):
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
 
@@ -66,9 +66,9 @@ def _load_plugins() -> None:
 def get_model_entry(name: str) -> ModelEntry:
     _load_plugins()
     try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
+        return choose("model", name, _REGISTRY)
+    except UnknownChoice as error:
+        raise UnknownModelError(str(error)) from None
 
 
 def create_model(name: str, **config) -> LatentVariableModel:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .base import choose
+
 # (t, gamma_min, gamma_max) -> value; all float64 tensors that broadcast.
 ScheduleFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -60,9 +62,7 @@ SCHEDULES: dict[str, Schedule] = {
 
 
 def get_schedule(name: str) -> Schedule:
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {name!r}; choices: {', '.join(sorted(SCHEDULES))}")
-    return SCHEDULES[name]
+    return choose("noise schedule", name, SCHEDULES)
 
 
 def alpha_sigma_squared(gamma: Tensor) -> tuple[Tensor, Tensor]:

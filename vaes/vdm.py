@@ -23,23 +23,28 @@ Decoders p(x | z_0), both without parameters:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .base import (
+    DIFFUSION_TERMS,
+    DiffusionDraws,
     LatentVariableModel,
     LogWeights,
     ModelStructure,
     Objective,
     as_objective,
     check_k,
+    choose,
     diagonal_normal_kl,
     diagonal_normal_log_prob,
+    noise_log_prob,
     standard_normal_log_prob,
 )
+from .draws import DrawNoise, chunk_noise
 from .layers import BernoulliLikelihood, mlp
 from .registry import register_model
 from .schedules import SCHEDULES, NoiseSchedule, alpha_sigma_squared
@@ -117,16 +122,11 @@ class DiffusionConfig:
     learn_endpoints: bool = True  # VDM paper learns gamma_min, gamma_max with the ELBO
 
     def __post_init__(self) -> None:
-        if self.time not in TIMES:
-            raise ValueError(f"unknown time {self.time!r}; choices: {', '.join(sorted(TIMES))}")
-        if self.likelihood not in DATA_CODINGS:
-            raise ValueError(f"unknown likelihood {self.likelihood!r}; choices: {', '.join(sorted(DATA_CODINGS))}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown noise schedule {self.schedule!r}; choices: {', '.join(sorted(SCHEDULES))}")
+        choose("time", self.time, TIMES)
+        choose("likelihood", self.likelihood, DATA_CODINGS)
+        choose("noise schedule", self.schedule, SCHEDULES)
         for name in ("data_dim", "steps", "log_weights_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_k(getattr(self, name), name)
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"need gamma_min < gamma_max, got {self.gamma_min} and {self.gamma_max}")
 
@@ -163,44 +163,6 @@ class VDMConfig(DiffusionConfig):
         return super().evaluation_only_fields() if self.objective.name == "diffusion" else ()
 
 
-# --- per-example loss terms -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DiffusionLossTerms:
-    """The ELBO's three parts per example, nats; ELBO = reconstruction - prior - diffusion."""
-
-    reconstruction: Tensor  # [B] E_q[log p(x | z_0)] (Monte Carlo)
-    prior: Tensor  # [B] KL(q(z_1 | x) || N(0, I)) (closed form)
-    diffusion: Tensor  # [B] denoising matching: L_T (discrete time) or L_inf (continuous), Monte Carlo
-    reconstruction_stderr: Tensor | None  # [B], None for one draw
-    diffusion_stderr: Tensor | None  # [B], None for one draw; conservative (time draws are stratified)
-
-    @property
-    def elbo(self) -> Tensor:
-        return self.reconstruction - self.prior - self.diffusion
-
-    @property
-    def stderr(self) -> Tensor | None:
-        """Standard error of ``elbo`` per example (the two Monte Carlo parts use independent draws)."""
-        if self.diffusion_stderr is None:
-            return None
-        return torch.sqrt(self.reconstruction_stderr.pow(2) + self.diffusion_stderr.pow(2))
-
-
-def _mean_and_stderr(draws: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Mean over the draw dimension of [S, B] and its standard error (None for S = 1)."""
-    mean = draws.mean(0)
-    assert mean.shape == draws.shape[1:], mean.shape
-    if draws.shape[0] < 2:
-        return mean, None
-    return mean, draws.std(0, unbiased=True) / math.sqrt(draws.shape[0])
-
-
-def _normal_log_prob_of_noise(noise: Tensor, log_std: Tensor) -> Tensor:
-    """log N(m + s * noise; m, s^2 I) for a scalar s = exp(log_std), summed over the last dimension."""
-    return standard_normal_log_prob(noise) - noise.shape[-1] * log_std
-
-
 # --- the noise-prediction network -------------------------------------------------------------------
 
 class NoisePredictionMLP(nn.Module):
@@ -230,7 +192,16 @@ class DiffusionModel(LatentVariableModel):
 
     The learned ``vdm`` plugs in an MLP; ``vdm-oracle`` the closed-form optimal denoiser.
     Stochastic quantities are float64 (the schedule's small steps need it).
+
+    Neither declares LOG_JOINT, SAMPLE_JOINT or POSTERIOR, so AIS and BDMC give not-applicable
+    rows. The latent is the whole trajectory z_0..z_T, (T + 1) x D numbers (1001 x 784 on MNIST
+    at T = 1000); log p(x, z) costs T denoiser calls, and so does every leapfrog gradient; and
+    the continuous-time model has no finite trajectory at all. The IWAE bound over trajectories
+    (``log_weights``) is the available reference. For ``vdm-oracle`` log p(x) is closed form
+    (``exact_log_marginal``), so it needs no sampling reference.
     """
+
+    capabilities = frozenset({DIFFUSION_TERMS})
 
     def __init__(self, config: DiffusionConfig, denoiser: nn.Module):
         super().__init__()
@@ -259,18 +230,22 @@ class DiffusionModel(LatentVariableModel):
         self.check_batch(x, self.config.data_dim)
         return self.coding.to_signal(x.double())
 
-    def log_weights(self, x: Tensor, k: int) -> LogWeights:
-        check_k(k)
+    def log_weight_chunks(self, x: Tensor, sizes: Sequence[int]) -> Iterator[LogWeights]:
         y = self._signal(x)  # [B, D]
+        for source in chunk_noise(sizes, y.device):
+            yield self._trajectory_log_weights(x, y, source)
+
+    def _trajectory_log_weights(self, x: Tensor, y: Tensor, source: DrawNoise) -> LogWeights:
+        """Log weights of the chunk's whole trajectories z_1, ..., z_0, their noise from ``source``."""
         n = self.trajectory_steps
         times = torch.arange(n + 1, dtype=torch.float64, device=y.device) / n
         gammas = self.schedule.gamma(times)  # [n + 1]
         alpha2, sigma2 = alpha_sigma_squared(gammas)
         alpha, log_sigma = torch.sqrt(alpha2), torch.log(sigma2) / 2
-        eps = torch.randn((k, *y.shape), dtype=torch.float64, device=y.device)
+        eps = source.normal(y.shape, torch.float64)
         z = alpha[n] * y + torch.exp(log_sigma[n]) * eps  # z_1 ~ q(z_1 | x), [K, B, D]
         log_prior = {self.layers[0]: standard_normal_log_prob(z)}
-        log_posterior = {self.layers[0]: _normal_log_prob_of_noise(eps, log_sigma[n])}
+        log_posterior = {self.layers[0]: noise_log_prob(eps, y.shape[-1] * log_sigma[n])}
         rows = z.shape[:-1]
         for i in range(n, 0, -1):
             # q(z_s | z_t, x) = N((alpha_s/alpha_t)(z_t - sigma_t c eps), sigma_s^2 c), c = 1 - exp(gamma_s - gamma_t),
@@ -281,12 +256,12 @@ class DiffusionModel(LatentVariableModel):
             eps_hat = self.denoiser(z, times[i].expand(rows), gammas[i].expand(rows))
             ratio = alpha[i - 1] / alpha[i]
             log_std = log_sigma[i - 1] + torch.log(c) / 2
-            noise = torch.randn_like(z)
+            noise = source.normal(y.shape, torch.float64)
             mean_shift = ratio * sigma_t * c * (eps_hat - eps_true) / torch.exp(log_std)  # (mean_q - mean_p) / std
             z = ratio * (z - sigma_t * c * eps_true) + torch.exp(log_std) * noise
             name = f"z{i - 1}"
-            log_posterior[name] = _normal_log_prob_of_noise(noise, log_std)
-            log_prior[name] = _normal_log_prob_of_noise(noise + mean_shift, log_std)
+            log_posterior[name] = noise_log_prob(noise, y.shape[-1] * log_std)
+            log_prior[name] = noise_log_prob(noise + mean_shift, y.shape[-1] * log_std)
         log_likelihood = self.coding.log_likelihood(x, z, gammas[0])
         return LogWeights(log_likelihood, log_prior, log_posterior)
 
@@ -298,18 +273,16 @@ class DiffusionModel(LatentVariableModel):
         return diagonal_normal_kl(torch.sqrt(alpha2) * y, (torch.log(sigma2) / 2).expand_as(y), zeros, zeros)
 
     def diffusion_loss_terms(self, x: Tensor, *, samples: int = 1,
-                             generator: torch.Generator | None = None) -> DiffusionLossTerms:
-        """Reconstruction, prior and diffusion parts of the ELBO per example (differentiable).
+                             generator: torch.Generator | None = None) -> DiffusionDraws:
+        """Per-draw reconstruction and diffusion parts of the ELBO and its closed-form prior part (differentiable).
 
-        The diffusion part is L_T (time "discrete", T = ``steps``) or L_inf (time
-        "continuous"), estimated with ``samples`` draws per example whose times are
-        stratified, t_j = (u + j / S) mod 1 with one u ~ U[0, 1) per example (the VDM
-        paper's low-discrepancy sampler, per example): unbiased, with lower variance
-        than independent times; the reported stderr treats the draws as independent,
-        so it errs on the large side. The same ``generator`` seed gives the same u and
-        noises for every T (common random numbers for comparing T).
+        The diffusion draws are unbiased for L_T (time "discrete", T = ``steps``) or L_inf
+        (time "continuous"); their times are stratified, t_j = (u + j / S) mod 1 with one
+        u ~ U[0, 1) per example (the VDM paper's low-discrepancy sampler, per example),
+        which lowers the variance of their mean below that of independent times. The same
+        ``generator`` seed gives the same u and noises for every T (common random numbers
+        for comparing T).
         """
-        check_k(samples)
         y = self._signal(x)
         batch, dim = y.shape
         opts = {"dtype": torch.float64, "device": y.device, "generator": generator}
@@ -322,13 +295,13 @@ class DiffusionModel(LatentVariableModel):
         eps = torch.randn((samples, batch, dim), **opts)
         z_t = torch.sqrt(alpha2)[..., None] * y + torch.sqrt(sigma2)[..., None] * eps
         eps_hat = self.denoiser(z_t, t, gamma_t)
-        diffusion, diffusion_stderr = _mean_and_stderr(weight * (eps - eps_hat).pow(2).sum(-1))
+        diffusion = weight * (eps - eps_hat).pow(2).sum(-1)  # [S, B]
 
         gamma0 = self.schedule.gamma(torch.zeros((), dtype=torch.float64, device=y.device))
         alpha2_0, sigma2_0 = alpha_sigma_squared(gamma0)
         z0 = torch.sqrt(alpha2_0) * y + torch.sqrt(sigma2_0) * torch.randn((samples, batch, dim), **opts)
-        reconstruction, reconstruction_stderr = _mean_and_stderr(self.coding.log_likelihood(x, z0, gamma0))
-        return DiffusionLossTerms(reconstruction, self.prior_kl(x), diffusion, reconstruction_stderr, diffusion_stderr)
+        reconstruction = self.coding.log_likelihood(x, z0, gamma0)  # [S, B]
+        return DiffusionDraws(reconstruction, self.prior_kl(x), diffusion)
 
     def draw_nbytes(self, x: Tensor) -> int:
         """Per draw and example, in float64: the two log densities of every step, kept until the

@@ -26,6 +26,7 @@ from vaes.base import config_hash as hash_config
 
 from .configs import check_overrides, train_config
 from .keys import KeyChecker, SuiteError
+from .objectives import check_model_objective, check_objective_table
 from .suite import EstimatorSpec, ModelSpec, Suite
 
 TRAIN_ESTIMATOR = "train"  # the estimator column of a fit's training rows
@@ -111,6 +112,7 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
 
     fits = []
     for i, spec in enumerate(suite.models):
+        check_objective_table(spec.config, f"models[{i}].config.objective", check)
         check_overrides(spec.name, spec.config, f"models[{i}].config", datasets[spec.datasets[0]], check)
         for dataset_name in spec.datasets:
             dataset = datasets[dataset_name]
@@ -121,6 +123,7 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
                 raise check.fail(f"models[{i}]", f"({spec.label}) cannot run on dataset {dataset_name!r} "
                                                  f"({dataset.kind} data): {exc}; restrict it with "
                                                  f"models[{i}].datasets") from None
+            check_model_objective(model, f"models[{i}].config.objective", check)
             evaluations = _evaluations(spec, i, model, dataset, check)
             for seed in suite.seeds:
                 fit = Fit(dataset_name, split, spec, seed, full_config, model.config_hash(), structure_record(model),

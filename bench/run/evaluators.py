@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 import estimators
+from estimators.gradients import IMPORTANCE_WEIGHTED
 from estimators.kl import KL_METHODS
-from vaes.base import LatentVariableModel
+from vaes.base import GRADIENT_ESTIMATORS, LatentVariableModel, MissingCapability
 
 
 @dataclass(frozen=True)
@@ -79,18 +80,17 @@ def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: 
 
 
 def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
-    # The model's own loss-based ELBO: L_T in discrete time, L_inf in continuous time (the only estimate of the
-    # continuous-time bound; log_weights always samples a discrete trajectory). Its maths is the model's
-    # DiffusionLossTerms; this only reports its value, never the training surrogate's gradient.
-    loss_terms = getattr(model, "diffusion_loss_terms", None)
-    if loss_terms is None:
-        raise NotApplicable(f"{type(model).__name__} is not a diffusion model (no diffusion_loss_terms)")
-    with torch.inference_mode():
-        terms = loss_terms(x, samples=k)
-    return [Measurement("diffusion_elbo", terms.elbo, terms.stderr, "nats"),
-            Measurement("diffusion_elbo/reconstruction", terms.reconstruction, terms.reconstruction_stderr, "nats"),
-            Measurement("diffusion_elbo/prior", terms.prior, None, "nats"),
-            Measurement("diffusion_elbo/diffusion", terms.diffusion, terms.diffusion_stderr, "nats")]
+    # L_T in discrete time, L_inf in continuous time (the only estimate of the continuous-time bound).
+    try:
+        est = estimators.diffusion_elbo(model, x, samples=k)
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    terms = est.terms
+    return [Measurement("diffusion_elbo", est.value, est.stderr, "nats"),
+            Measurement("diffusion_elbo/reconstruction", terms["reconstruction"], terms.get("reconstruction_stderr"),
+                        "nats"),
+            Measurement("diffusion_elbo/prior", terms["prior"], None, "nats"),
+            Measurement("diffusion_elbo/diffusion", terms["diffusion"], terms.get("diffusion_stderr"), "nats")]
 
 
 def _active_units(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -100,6 +100,20 @@ def _active_units(model: LatentVariableModel, x: Tensor, k: int | None, params: 
     as_tensor = lambda n: torch.tensor([float(n)], dtype=torch.float64)
     layers = [Measurement(f"active_units/{name}", as_tensor(n), None, "count") for name, n in counts.items()]
     return [Measurement("active_units", as_tensor(sum(counts.values())), None, "count"), *layers]
+
+
+def _gradient_snr(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    try:
+        result = estimators.gradient_snr(model, x, objective=params["objective"], estimator=params["estimator"], k=k,
+                                         m=params["m"], reps=params["reps"], beta=params["beta"])
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    # The gradient estimator (and the objective it differentiates) is the rows' method: "iwae/dreg".
+    method = f"{params['objective']}/{params['estimator']}"
+    as_tensor = lambda value: torch.tensor([value], dtype=torch.float64)
+    return [Measurement(f"{summary}_{name}", as_tensor(getattr(network, attribute)), None, "ratio", method=method)
+            for name, network in (("inference", result.inference), ("generative", result.generative))
+            for summary, attribute in (("snr", "snr"), ("snr_rms", "snr_rms"), ("dsnr", "dsnr"))]
 
 
 ESTIMATORS: dict[str, EstimatorKind] = {
@@ -123,6 +137,14 @@ ESTIMATORS: dict[str, EstimatorKind] = {
     "active_units": EstimatorKind(
         "number of latent units with Var_x(E_q[z | x]) above the threshold, per layer",
         _active_units, "active_units", None, {"threshold": Param("float", estimators.ACTIVE_UNIT_THRESHOLD)},
+        per_example=False),
+    "gradient_snr": EstimatorKind(
+        "signal-to-noise ratio of a gradient estimator (reparam, stl, dreg) of an importance-weighted objective, "
+        "per network, over `reps` gradient draws on the evaluation batch, for each K of the grid",
+        _gradient_snr, "snr_inference", "k",
+        {"k": Param("k-grid", [1, 4, 16, 64, 256]), "estimator": Param("str", "reparam", GRADIENT_ESTIMATORS),
+         "objective": Param("str", "iwae", IMPORTANCE_WEIGHTED), "m": Param("k", 1), "reps": Param("k", 1000),
+         "beta": Param("float", 0.5)},
         per_example=False),
 }
 
