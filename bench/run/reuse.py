@@ -2,7 +2,8 @@
 
 Where a model has no exact log p(x), log_marginal is the IWAE-K bound. Every estimator cell of a
 fit seeds from the fit's seed and walks the same examples in the same batches, so an iwae cell
-with the same evaluation, K and examples has already computed exactly those numbers: its
+with the same evaluation, K, examples and other parameters (any besides K and log_marginal's
+method, e.g. replicates) has already computed exactly those numbers: its
 "iwae" row becomes the log_marginal row (method "iwae"), its timing rows are copied (the same
 call was timed), and its effective sample size stays with it. Values are bit-identical to
 computing the cell (tests/test_executors.py holds that).
@@ -26,7 +27,7 @@ class IwaeReuse:
     """The finished iwae cells of one fit, offered to its log_marginal cells."""
 
     def __init__(self):
-        self._rows: dict[tuple, tuple[ResultRow, ...]] = {}  # (evaluation label, K, examples) -> rows
+        self._rows: dict[tuple, tuple[ResultRow, ...]] = {}  # (evaluation, K, examples, settings) -> rows
 
     @staticmethod
     def order(cells: tuple[Cell, ...]) -> list[Cell]:
@@ -55,7 +56,8 @@ class IwaeReuse:
 
 
 def _key(cell: Cell, x: Tensor) -> tuple:
-    return cell.evaluation.label, cell.k, int(x.shape[0])
+    settings = sorted((name, repr(value)) for name, value in cell.spec.params.items() if name not in ("k", "method"))
+    return cell.evaluation.label, cell.k, int(x.shape[0]), tuple(settings)
 
 
 def _is_iwae(method: str, model, x: Tensor) -> bool:
