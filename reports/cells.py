@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from reports.gap import per_seed_gaps
 from reports.load import ok_rows
 from reports.schema import STRUCTURE_FIELDS
 
@@ -91,14 +92,8 @@ QUANTITIES: dict[str, Quantity] = {
 }
 
 
-def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model config, seed, column) from the ok rows, with its kind and layer.
-
-    Where one quantity was measured several ways for one seed, the best measurement is kept:
-    an exact value over an estimate, then the largest k (more samples, same quantity: ELBO with
-    more samples, log p(x) with larger K). Repeats at the same k (several run directories or
-    devices) are averaged.
-    """
+def matched_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows that fill a summary cell, each with its kind, column, layer, suite_label, is_exact and k_rank."""
     rows = ok_rows(df)
     rows = rows[rows["value"].notna()]
     pieces = []
@@ -111,11 +106,25 @@ def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
         matched["layer"] = _layer(matched)
         pieces.append(matched)
     if not pieces:
-        return pd.DataFrame(columns=[*MODEL_KEYS, "seed", "column", "kind", "value", "stderr"])
+        return pd.DataFrame()
     cells = pd.concat(pieces, ignore_index=True)
     cells["suite_label"] = cells["label"] if "label" in cells.columns else None  # the suite entry's label
     cells["is_exact"] = cells["method"] == EXACT
     cells["k_rank"] = cells["k"].astype(float).fillna(np.inf)  # exact values have no k
+    return cells
+
+
+def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model config, seed, column) from the ok rows, with its kind and layer.
+
+    Where one quantity was measured several ways for one seed, the best measurement is kept:
+    an exact value over an estimate, then the largest k (more samples, same quantity: ELBO with
+    more samples, log p(x) with larger K). Repeats at the same k (several run directories or
+    devices) are averaged.
+    """
+    cells = matched_rows(df)
+    if cells.empty:
+        return pd.DataFrame(columns=[*MODEL_KEYS, "seed", "column", "kind", "value", "stderr"])
     keys = [*MODEL_KEYS, "seed", "column"]
     cells = cells.sort_values([*keys, "is_exact", "k_rank"])
     best = cells.groupby(keys, dropna=False)[["is_exact", "k_rank"]].transform("last")
@@ -150,11 +159,17 @@ def combine_seeds(values: np.ndarray, stderrs: np.ndarray) -> tuple[float, float
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model config, column): mean and stderr over seeds, n_seeds, and the model's label."""
+    """One row per (model config, kind, column): mean and stderr over seeds, n_seeds, and the model's label.
+
+    Besides the measured quantities it holds the model's paired gaps (kind "gap", reports.gap), whose
+    column is the bound each gap is taken to, combined over seeds like any other cell.
+    """
     per_seed = per_seed_cells(df)
     if per_seed.empty:
         return per_seed.assign(n_seeds=pd.Series(dtype=int), label=pd.Series(dtype=str))
-    groups = per_seed.groupby([*MODEL_KEYS, "column"], dropna=False, sort=False)
+    gaps = per_seed_gaps(matched_rows(df))
+    per_seed = pd.concat([per_seed, gaps], ignore_index=True) if not gaps.empty else per_seed
+    groups = per_seed.groupby([*MODEL_KEYS, "kind", "column"], dropna=False, sort=False)
     records = []
     for _, group in groups:
         mean, stderr = combine_seeds(group["value"].to_numpy(), group["stderr"].to_numpy())

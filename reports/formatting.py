@@ -6,7 +6,7 @@ import math
 import pandas as pd
 
 # Decimals when a cell has no stderr to size them (per unit system, or per kind).
-DEFAULT_DECIMALS = {"nats": 2, "bits/dim": 4, "NLL nats": 2}
+DEFAULT_DECIMALS = {"nats": 2, "bits/dim": 4, "NLL nats": 2, "gap nats": 2}
 KIND_DECIMALS = {"seeds": 0, "active_units": 0, "throughput": 0}
 MAX_DECIMALS = 6
 

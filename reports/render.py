@@ -10,13 +10,13 @@ import pandas as pd
 from reports.formatting import cell_parts, plain_text
 from reports.table import ComparisonTable
 
-NOTE_COLUMNS = {"log p(x)": "log p(x) from", "gap": "gap to", "published NLL": "source",
+NOTE_COLUMNS = {"log p(x)": "log p(x) from", "published NLL": "source",
                 "measured NLL": "our model", "difference": "protocol"}
 
 
 def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], list[list[str]]]:
     """Header and body rows of a table, each cell rendered by the given functions; the
-    log p(x) source and the bound the gap is taken to follow their columns as short notes."""
+    log p(x) source (or a gap table's reference) follows its column as a short note."""
     header = ["model"]
     for column in table.columns:
         header.append(column.id)

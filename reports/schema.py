@@ -29,8 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Self
 
-SCHEMA_VERSION = 2  # 1: rows without schema_version, structure and timing_s
+SCHEMA_VERSION = 3  # 1: rows without schema_version, structure and timing_s; 2: without replicates, per_example
 RESULTS_FILE = "results.jsonl"
+# per_example values are rounded to this many decimals (1e-6 nats: far below any Monte Carlo error, and it
+# keeps a row of 10,000 examples near 120 kB).
+PER_EXAMPLE_DECIMALS = 6
 MANIFEST_FILE = "manifest.json"
 STATUSES = ("ok", "failed", "skipped")
 
@@ -63,11 +66,15 @@ class ResultRow:
     value: float | None  # None (null) for failed and skipped rows, and for non-finite numbers
     stderr: float | None  # standard error over examples
     mc_stderr: float | None  # Monte Carlo standard error of the mean
+    replicates: int | None  # independent replicates whose mean is the value (their spread gives mc_stderr); None: one
     unit: str | None
     n_examples: int | None
     device: str
     wall_s: float | None  # seconds of the measurement (for timing rows: the median of timing_s)
     timing_s: tuple[float, ...] | None  # timing rows: seconds of each timed repeat, for significance tests
+    # Bounds and log p(x): each example's value (rounded to PER_EXAMPLE_DECIMALS), in the split's order, so that two
+    # cells of one fit (common random numbers: same examples, same seed) can be compared example by example.
+    per_example: tuple[float, ...] | None
     status: str  # one of STATUSES
     error: str | None  # why a row failed or was skipped
     schema_version: int = SCHEMA_VERSION
@@ -89,7 +96,9 @@ class ResultRow:
     def to_record(self) -> dict:
         """The JSON object written for this row (non-finite numbers as null: JSON has neither NaN nor inf)."""
         record = {name: getattr(self, name) for name in ROW_COLUMNS}
-        record["timing_s"] = None if self.timing_s is None else [_finite(t) for t in self.timing_s]
+        for name in ("timing_s", "per_example"):
+            values = getattr(self, name)
+            record[name] = None if values is None else [_finite(v) for v in values]
         return {name: _finite(value) for name, value in record.items()}
 
 

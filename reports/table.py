@@ -7,14 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from reports.cells import CONTINUOUS_ELBO, bound_order, natural_sorted, sort_models, summarize
-from reports.units import BITS_PER_DIM, BITS_SIGN, NATS, NLL_NATS, bits_per_dim_dims, nats_to_bits_per_dim
+from reports.cells import bound_order, natural_sorted, sort_models, summarize
+from reports.gap import LOG_MARGINAL_COLUMN, PAIRED, UNPAIRED
+from reports.units import BITS_PER_DIM, BITS_SIGN, GAP_NATS, NATS, NLL_NATS, bits_per_dim_dims, nats_to_bits_per_dim
 
 # Above this many KL layers (a VDM's z_1..z_T) the table shows their sum; the plot shows the profile.
 MAX_KL_COLUMNS = 6
 
 # Which way is better, per kind of column, in nats (None: neither, nothing is marked).
-BETTER: dict[str, str] = {"bound": "max", "log_marginal": "max", "gap": "min", "throughput": "max"}
+BETTER: dict[str, str] = {"bound": "max", "log_marginal": "max", "throughput": "max"}
 FLIPPED = {"max": "min", "min": "max"}
 
 
@@ -50,6 +51,8 @@ UNIT_CAPTIONS = {
     NATS: "nats per example (bounds and log p(x): higher is better)",
     BITS_PER_DIM: "bits/dim (bounds and log p(x) as negative log-likelihood: lower is better)",
     NLL_NATS: "test NLL in nats beside published numbers (lower is better; difference = measured - published)",
+    GAP_NATS: ("gap = the model's own best log p(x) - each of its bounds, nats per example, with paired standard "
+               "errors (per-example differences of cells that share examples and draws)"),
 }
 
 
@@ -82,12 +85,8 @@ def _active_unit_cells(s: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return cells, natural_sorted(cells["column"].unique())
 
 
-def _gap_and_throughput(s: pd.DataFrame, rows: list[str]) -> tuple[list[dict], list[str]]:
-    """gap = log p(x) - tightest bound, and the tightest bound's throughput on each device.
-    Where log p(x) is an IWAE-K estimate, the IWAE_K bound is that same number, so the gap is
-    taken to the tightest *other* bound (a gap of 0 to itself would say nothing). The gap's
-    stderr is sqrt(se_logp^2 + se_bound^2): both are measured on the same examples and
-    positively correlated, so this is on the safe (wide) side."""
+def _throughput(s: pd.DataFrame, rows: list[str]) -> tuple[list[dict], list[str]]:
+    """The tightest bound's throughput on each device."""
     cells = []
     devices = sorted(s.loc[s["kind"] == "throughput", "device"].dropna().unique())
     for row in rows:
@@ -96,17 +95,6 @@ def _gap_and_throughput(s: pd.DataFrame, rows: list[str]) -> tuple[list[dict], l
         if bounds.empty:
             continue
         tightest = bounds.loc[bounds["value"].idxmax()]
-        logp = mine[mine["kind"] == "log_marginal"]
-        if not logp.empty:
-            lp = logp.iloc[0]
-            same_as_logp = f"IWAE_{lp['k']:g}" if lp["method"] == "iwae" else None
-            # ELBO_inf bounds the continuous-time model, not this row's T-step one: no gap to it.
-            others = bounds[~bounds["column"].isin([same_as_logp, CONTINUOUS_ELBO])]
-            if not others.empty:
-                gap_to = others.loc[others["value"].idxmax()]
-                cells.append({"row": row, "column": "gap", "kind": "gap", "value": lp["value"] - gap_to["value"],
-                              "stderr": float(np.hypot(lp["stderr"], gap_to["stderr"])),
-                              "note": f"to {gap_to['column']}"})
         for device in devices:
             found = mine[mine["column"] == f"{tightest['column']}@{device}"]
             if not found.empty:
@@ -132,7 +120,7 @@ def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
     keep.loc[logp, "note"] = keep[logp].apply(_log_marginal_note, axis=1)
     kl, kl_ids = _kl_cells(s)
     au, au_ids = _active_unit_cells(s)
-    derived, throughput_ids = _gap_and_throughput(s, rows)
+    derived, throughput_ids = _throughput(s, rows)
     seeds = s.groupby("label", sort=False)["n_seeds"].max().reset_index()
     seeds = seeds.rename(columns={"label": "row", "n_seeds": "value"})
     seeds = seeds.assign(column="seeds", kind="seeds", stderr=np.nan, note="")
@@ -147,11 +135,40 @@ def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
     cells["stderr"] = cells["stderr"].astype(float)
     column_ids = ["seeds", *bound_ids]
     if logp.any():
-        column_ids += ["log p(x)"] + (["gap"] if (cells["column"] == "gap").any() else [])
+        column_ids.append("log p(x)")
     column_ids += kl_ids + au_ids + throughput_ids
     kinds = cells.drop_duplicates("column").set_index("column")["kind"]
     columns = [Column(c, kinds[c], BETTER.get(kinds[c])) for c in column_ids]
     return ComparisonTable(dataset, split, NATS, rows, columns, cells)
+
+
+def gap_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable | None:
+    """Per model config: its reference log p(x) (exact, or its own best estimate) and the paired gap to each of
+    its bounds (reports.gap); None where no model has one. Nothing is bold: each row has its own reference."""
+    gaps = s[s["kind"] == "gap"]
+    if gaps.empty:
+        return None
+    rows = [row for row in sort_models(s) if row in set(gaps["label"])]
+    records = []
+    for row in rows:
+        mine = gaps[gaps["label"] == row]
+        first = mine.iloc[0]
+        source = s[(s["label"] == row) & ((s["kind"] == "log_marginal") if first["reference_column"] ==
+                                          LOG_MARGINAL_COLUMN else (s["column"] == first["reference_column"]))]
+        if not source.empty:
+            records.append({"row": row, "column": LOG_MARGINAL_COLUMN, "kind": "log_marginal",
+                            "value": source["value"].iloc[0], "stderr": source["stderr"].iloc[0],
+                            "note": first["reference"] + ("" if (mine["pairing"] == PAIRED).all() else
+                                                          f"; errors {UNPAIRED}")})
+        records += [{"row": row, "column": gap["column"], "kind": "gap", "value": gap["value"],
+                     "stderr": gap["stderr"], "note": gap["pairing"]} for _, gap in mine.iterrows()]
+    cells = pd.DataFrame.from_records(records, columns=["row", "column", "kind", "value", "stderr", "note"])
+    cells["value"] = cells["value"].astype(float)
+    cells["stderr"] = cells["stderr"].astype(float)
+    cells["best"] = False
+    bound_ids = sorted(gaps["column"].unique(), key=bound_order)
+    columns = [Column(LOG_MARGINAL_COLUMN, "log_marginal", None), *(Column(c, "gap", None) for c in bound_ids)]
+    return ComparisonTable(dataset, split, GAP_NATS, rows, columns, cells)
 
 
 def to_bits_per_dim(table: ComparisonTable, dims: int) -> ComparisonTable:
@@ -196,4 +213,7 @@ def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
         dims = bits_per_dim_dims(s)
         if dims is not None:
             tables.append(mark_best(to_bits_per_dim(nats, dims)))
+        gaps = gap_table(s, dataset, split)
+        if gaps is not None:
+            tables.append(gaps)
     return tables

@@ -14,6 +14,7 @@ import pandas as pd
 NATS = "nats"
 BITS_PER_DIM = "bits/dim"
 NLL_NATS = "NLL nats"  # negative log-likelihood per example, beside published numbers
+GAP_NATS = "gap nats"  # a model's log p(x) minus its bounds, nats per example (reports.gap)
 DISCRETE_LIKELIHOODS = ("bernoulli",)
 
 # How a kind of quantity converts to bits/dim: log-likelihoods (bounds, log p(x)) turn into a

@@ -154,28 +154,34 @@ def test_monte_carlo_noise_passes_and_a_half_nat_shift_fails(tmp_path):
     assert result.count("regression") == 200
 
 
-def test_improvement_is_reported_and_passes(tmp_path, baseline, capsys):
+def test_improvement_fails_as_a_stale_baseline(tmp_path, baseline, capsys):
+    # A significant rise is listed as an improvement and fails: the baseline no longer describes the code.
     rows = edited(base_rows(), "elbo", value=lambda v: v + 0.5)
-    assert run_cli(write_run(tmp_path / "better", rows), "--baseline", baseline) == 0
+    assert run_cli(write_run(tmp_path / "better", rows), "--baseline", baseline) == 1
     out = capsys.readouterr().out
     assert "IMPROVEMENT (1)" in out and "+0.5000" in out
-    assert "PASS: 6 cells compared; 0 regression, 1 improvement" in out
+    assert "FAIL: 6 cells compared; 0 regression, 1 improvement" in out
+    assert "the baseline is stale (1 improvement): if the change is intended, rewrite the baseline" in out
+    assert f"--write-baseline {baseline}" in out
+    assert out.rstrip().splitlines()[-1] == "check: 5 passed, 1 failed"
 
 
-def test_missing_and_new_cells_are_reported_and_fail_only_when_asked(tmp_path, baseline, capsys):
+def test_missing_cells_fail_new_cells_only_when_asked(tmp_path, baseline, capsys):
     rows = [row for row in base_rows() if not (row["metric"] == "iwae" and row["k"] == 5)]
     rows.append(make_row("iwae", -28.0, estimator="iwae", k=500, mc_stderr=0.01))
-    run_dir = write_run(tmp_path / "partial", rows)
-    assert run_cli(run_dir, "--baseline", baseline) == 0
+    assert run_cli(write_run(tmp_path / "partial", rows), "--baseline", baseline) == 1
     out = capsys.readouterr().out
     assert "MISSING IN RUN (1)" in out and "vae[aaaa1111] iwae k=5 seed=0 iwae" in out
     assert "NEW IN RUN (1)" in out and "iwae k=500 seed=0 iwae" in out
-    assert run_cli(run_dir, "--baseline", baseline, "--fail-on-missing") == 1
+    assert "the baseline is stale (1 missing in run)" in out
+    grown = write_run(tmp_path / "grown", [*base_rows(), make_row("iwae", -28.0, estimator="iwae", k=500)])
+    assert run_cli(grown, "--baseline", baseline) == 0
+    assert run_cli(grown, "--baseline", baseline, "--fail-on-new") == 1
 
 
 def test_config_change_is_named(tmp_path, baseline, capsys):
     rows = [dict(row, config_hash="cccc3333") if row["model"] == "vae" else row for row in base_rows()]
-    assert run_cli(write_run(tmp_path / "config", rows), "--baseline", baseline) == 0
+    assert run_cli(write_run(tmp_path / "config", rows), "--baseline", baseline) == 1
     out = capsys.readouterr().out
     assert "model config changed: digits/test vae: baseline aaaa1111 -> run cccc3333" in out
     # elbo, kl, kl/z, iwae x2 of vae (the throughput is off by default) show as missing on both sides.
@@ -231,7 +237,7 @@ def test_write_baseline_is_deterministic_and_carries_provenance(tmp_path, baseli
     document = json.loads(baseline.read_text())
     assert document["format_version"] == check.BASELINE_FORMAT_VERSION
     assert document["provenance"]["git_commit"] == "0123abcd"
-    assert document["provenance"]["suite"] == "regression"
+    assert document["suite"] == {"name": "regression", "hash": None}  # the hand-written manifest holds no contents
     assert document["provenance"]["versions"]["torch"] == "2.13.0"
     # Diagnostics (reconstruction, ess) are not bounds and stay out; the eight compared rows stay in.
     assert sorted(cell["metric"] for cell in document["cells"]) == sorted(
@@ -248,15 +254,22 @@ def test_write_baseline_refuses_a_run_with_failures(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
 
 
+def _document(**fields) -> str:
+    return json.dumps({"format": "elbo-bench-baseline", "format_version": check.BASELINE_FORMAT_VERSION,
+                       "suite": {"name": "regression", "hash": None}, **fields})
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "baseline not found"),
     ("{not json", "is not valid JSON"),
     ("[]", "is not an elbo-bench baseline"),
     (json.dumps({"format": "elbo-bench-baseline", "format_version": 99, "cells": []}), "format version 99"),
-    (json.dumps({"format": "elbo-bench-baseline", "format_version": 1, "cells": []}), "has no cells"),
-    (json.dumps({"format": "elbo-bench-baseline", "format_version": 1, "cells": [{"value": 1.0}]}), "lacks dataset"),
-    (json.dumps({"format": "elbo-bench-baseline", "format_version": 1,
-                 "cells": [dict(make_row(), value="high")]}), "non-numeric value"),
+    (json.dumps({"format": "elbo-bench-baseline", "format_version": 1, "cells": []}), "format version 1"),
+    (json.dumps({"format": "elbo-bench-baseline", "format_version": check.BASELINE_FORMAT_VERSION, "cells": []}),
+     "does not say which suite it belongs to"),
+    (_document(cells=[]), "has no cells"),
+    (_document(cells=[{"value": 1.0}]), "lacks dataset"),
+    (_document(cells=[dict(make_row(), value="high")]), "non-numeric value"),
 ])
 def test_malformed_baseline_exits_2(tmp_path, capsys, content, message):
     path = tmp_path / "bad.json"
@@ -344,7 +357,7 @@ def test_end_to_end_rerun_passes_and_a_wrapped_loosened_estimator_fails(tmp_path
     baseline = tmp_path / "baseline.json"
     assert run_cli(tmp_path / "first", "--write-baseline", baseline) == 0
     document = json.loads(baseline.read_text())
-    assert document["provenance"]["suite"] == "check-tiny"
+    assert document["suite"]["name"] == "check-tiny" and len(document["suite"]["hash"]) == 16
     assert {cell["metric"] for cell in document["cells"]} >= {"elbo", "iwae", "log_marginal", "kl"}
 
     run_suite(suite, tmp_path / "rerun", tmp_path / "cache-b")  # a fresh cache: the model is retrained
@@ -389,9 +402,13 @@ def test_committed_regression_baseline_matches_the_suite():
     from bench.plan.suite import load_suite
 
     path = Path(__file__).resolve().parents[1] / "reports" / "baselines" / "regression.json"
-    cells = check.read_baseline(path)
+    baseline = check.read_baseline(path)
+    cells = baseline.cells
+    suite = load_suite("regression")
+    # The baseline names the suite as it is now: editing regression.toml without rewriting the baseline fails here.
+    assert baseline.suite == check.suite_identity({"suite": {"name": suite.name, "contents": suite.contents}})
     in_baseline = {(key[0], key[2], key[3]) for key in cells}
-    plan = prepare(load_suite("regression"))
+    plan = prepare(suite)
     in_suite = {(fit.dataset, fit.model.name, fit.config_hash) for fit in plan.fits}
     assert in_baseline == in_suite
     assert {model for _, model, _ in in_suite} == set(vaes.list_models())
@@ -405,3 +422,109 @@ def test_metric_policies_bounds_compared_parts_informational():
     for part in ("diffusion_elbo/reconstruction", "diffusion_elbo/prior", "diffusion_elbo/diffusion", "kl/z1"):
         assert check.policy_of(part) is check.compare_information, part
     assert check.policy_of("elbo/part") is None and check.policy_of("ess") is None
+
+
+# --- the check cannot pass by accident: nothing compared, another suite -------------------------------
+
+def test_zero_cells_compared_exits_2(tmp_path, baseline, capsys):
+    # The same cells under another seed: nothing in common with the baseline, so nothing was checked.
+    other_seed = [dict(row, seed=1) for row in base_rows()]
+    assert run_cli(write_run(tmp_path / "seed1", other_seed), "--baseline", baseline) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 0 cells compared") and len(err.strip().splitlines()) == 1
+
+
+def _suite_manifest(name: str, contents: dict) -> dict:
+    return {**MANIFEST, "suite": {"name": name, "source": f"{name}.toml", "contents": contents}}
+
+
+def test_another_suites_baseline_exits_2(tmp_path, capsys):
+    contents = {"name": "regression", "datasets": ["digits"], "seeds": [0]}
+    path = tmp_path / "b.json"
+    assert run_cli(write_run(tmp_path / "base", base_rows(), _suite_manifest("regression", contents)),
+                   "--write-baseline", path) == 0
+    assert run_cli(write_run(tmp_path / "same", base_rows(), _suite_manifest("regression", contents)),
+                   "--baseline", path) == 0
+    smoke = write_run(tmp_path / "smoke", base_rows(), _suite_manifest("smoke", {**contents, "name": "smoke"}))
+    assert run_cli(smoke, "--baseline", path) == 2
+    assert "belongs to suite 'regression', the run to suite 'smoke'" in capsys.readouterr().err
+    two_seeds = _suite_manifest("regression", {**contents, "seeds": [0, 1]})
+    edited_suite = write_run(tmp_path / "edited", base_rows(), two_seeds)
+    assert run_cli(edited_suite, "--baseline", path) == 2
+    err = capsys.readouterr().err
+    assert "suite 'regression' has changed since baseline" in err and "rewrite the baseline" in err
+
+
+# --- paired comparison, unreliable cells, throughput ----------------------------------------------------
+
+N_EXAMPLES = 250
+
+
+def _per_example_rows(shift: float, noise: float, seed: int, khat_share: float | None = None) -> list[dict]:
+    """An IWAE cell of 250 examples whose per-example values are a fixed profile plus Monte Carlo noise
+    (sd ``noise`` per example, drawn from ``seed``: the same seed is the same draws) plus ``shift``."""
+    profile = random.Random(0)
+    base = [-30.0 + profile.gauss(0, 3) for _ in range(N_EXAMPLES)]
+    draws = random.Random(seed)
+    values = [v + shift + draws.gauss(0, noise) for v in base]
+    mc_stderr = noise / math.sqrt(N_EXAMPLES)
+    rows = [make_row("iwae", sum(values) / N_EXAMPLES, estimator="iwae", k=50, mc_stderr=mc_stderr,
+                     per_example=values, n_examples=N_EXAMPLES)]
+    if khat_share is not None:
+        rows.append(make_row("khat_share", khat_share, estimator="iwae", k=50, unit="share", mc_stderr=None))
+    return rows
+
+
+def test_paired_tolerance_sees_a_loosening_below_the_monte_carlo_error_when_draws_are_shared(tmp_path):
+    # Per-example noise 2 nats: the cell's Monte Carlo error is 2 / sqrt(250) = 0.126, so unpaired the tolerance
+    # is 0.05 + 4 * 0.179 = 0.77 nats. The same draws shifted by 0.1 nats have per-example differences of exactly
+    # -0.1 (sd ~1e-15): the tolerance is the 0.05 floor and the shift fails. New draws (seed 1) differ by noise
+    # whose paired error is ~0.179 (sd of the differences 2 sqrt 2 over sqrt 250): unshifted they pass at z < 4.
+    path = tmp_path / "b.json"
+    assert run_cli(write_run(tmp_path / "base", _per_example_rows(0.0, 2.0, seed=0)), "--write-baseline", path) == 0
+    assert run_cli(write_run(tmp_path / "shifted", _per_example_rows(-0.1, 2.0, seed=0)), "--baseline", path) == 1
+    assert run_cli(write_run(tmp_path / "redrawn", _per_example_rows(0.0, 2.0, seed=1)), "--baseline", path) == 0
+    result, _ = check.run_check(tmp_path / "redrawn", path, check.Settings())
+    assert result.findings == [] and result.compared == 1
+
+
+def test_unreliable_cell_never_fails_on_noise_but_fails_on_shared_draws(tmp_path, capsys):
+    # k-hat > 0.7 on 60% of the examples. New draws moved by 1 nat (5.6 paired errors of 0.179): listed as
+    # unreliable, not failed. The same draws moved by 0.5 nats: no part of it is noise, so it fails.
+    path = tmp_path / "b.json"
+    assert run_cli(write_run(tmp_path / "base", _per_example_rows(0.0, 2.0, 0, khat_share=0.6)),
+                   "--write-baseline", path) == 0
+    redrawn = write_run(tmp_path / "redrawn", _per_example_rows(-1.0, 2.0, 1, khat_share=0.6))
+    assert run_cli(redrawn, "--baseline", path) == 0
+    out = capsys.readouterr().out
+    assert "UNRELIABLE (1)" in out and "k-hat > 0.7 on 60% of examples" in out and "raise K or replicates" in out
+    loosened = write_run(tmp_path / "loosened", _per_example_rows(-0.5, 2.0, 0, khat_share=0.6))
+    assert run_cli(loosened, "--baseline", path) == 1
+    assert "REGRESSION (1)" in capsys.readouterr().out
+    # Below UNRELIABLE_SHARE the same redrawn 1-nat move is an ordinary regression.
+    assert run_cli(write_run(tmp_path / "b2", _per_example_rows(0.0, 2.0, 0, khat_share=0.1)),
+                   "--write-baseline", tmp_path / "b2.json") == 0
+    assert run_cli(write_run(tmp_path / "r2", _per_example_rows(-1.0, 2.0, 1, khat_share=0.1)),
+                   "--baseline", tmp_path / "b2.json") == 1
+
+
+def _timed(value: float, times: list[float]) -> list[dict]:
+    return [make_row("throughput", value, estimator="iwae", k=50, unit="samples/s", stderr=None, mc_stderr=None,
+                     timing_s=times)]
+
+
+def test_throughput_needs_a_ratio_and_a_significant_mann_whitney_test(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert run_cli(write_run(tmp_path / "base", _timed(1000.0, [0.010, 0.011, 0.009, 0.0105, 0.012])),
+                   "--write-baseline", path) == 0
+    # Every run timing above every baseline timing, 5 against 5: the one-sided exact p is 1 / C(10, 5) = 0.004.
+    slow = write_run(tmp_path / "slow", _timed(400.0, [0.025, 0.026, 0.024, 0.027, 0.0255]))
+    assert run_cli(slow, "--baseline", path, "--throughput-ratio", "0.5") == 1
+    out = capsys.readouterr().out
+    assert "throughput fell to 0.40x" in out and "Mann-Whitney U p = 0.00397" in out
+    # The same ratio from timings that overlap the baseline's is not significant: information, not a failure.
+    noisy = write_run(tmp_path / "noisy", _timed(400.0, [0.009, 0.030, 0.011, 0.028, 0.010]))
+    assert run_cli(noisy, "--baseline", path, "--throughput-ratio", "0.5") == 0
+    assert "not significantly" in capsys.readouterr().out
+    assert run_cli(slow, "--baseline", path) == 2  # off unless asked: this run then compares nothing
+    assert check.slower_p_value([2.0, 3.0], [0.0, 1.0]) == pytest.approx(1 / 6)  # 2 vs 2 can never reach 0.01

@@ -165,13 +165,13 @@ def test_rows_written_before_the_structure_existed_still_load_in_nats(tmp_path):
     df = load_results([write_run(tmp_path / "old", old)])
     assert (df["schema_version"] == 1).all() and df["data_dim"].isna().all() and df["family"].isna().all()
     # the same numbers as a current run, but no bits/dim: the rows do not say how many dimensions the data has
-    assert {(t.dataset, t.unit) for t in build_tables(df)} == {("digits", "nats")}
+    assert {(t.dataset, t.unit) for t in build_tables(df)} == {("digits", "nats"), ("digits", "gap nats")}
     old_elbo = _table(tmp_path / "old", "digits", "nats").cell("vae", "ELBO")
     new_elbo = _table(write_run(tmp_path / "new", digits_rows()), "digits", "nats").cell("vae", "ELBO")
     assert (old_elbo["value"], old_elbo["stderr"]) == (new_elbo["value"], new_elbo["stderr"])
     # beside a current run of the same dataset, the rows that declare D give it; the old ones do not contradict it
     both = build_tables(load_results([tmp_path / "old", tmp_path / "new"]))
-    assert {(t.dataset, t.unit) for t in both} == {("digits", "nats"), ("digits", "bits/dim")}
+    assert {(t.dataset, t.unit) for t in both} == {("digits", "nats"), ("digits", "bits/dim"), ("digits", "gap nats")}
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
@@ -199,16 +199,11 @@ def test_bound_cells_mean_and_stderr_over_seeds(run_dir):
     assert table.cell("vae", "seeds")["value"] == 2
 
 
-def test_log_marginal_gap_kl_active_units_throughput(run_dir):
+def test_log_marginal_kl_active_units_throughput(run_dir):
     table = _table(run_dir, "digits", "nats")
     logp = table.cell("vae", "log p(x)")
     assert (logp["value"], logp["note"]) == (pytest.approx(-28.1, abs=1e-12), "IWAE-1000 estimate")
-    # gap = log p(x) - tightest bound (IWAE_50); stderr sqrt(se_logp^2 + se_bound^2)
-    gap = table.cell("iwae", "gap")
-    assert gap["value"] == pytest.approx(-28.2 - (-28.5), abs=1e-12)
-    assert gap["stderr"] == pytest.approx(math.sqrt(0.09 + (0.09 + 0.02 / 2)), abs=1e-12)
-    assert gap["note"] == "to IWAE_50"
-    assert table.cell("vae", "gap")["value"] == pytest.approx(0.5, abs=1e-12)
+    assert "gap" not in [c.id for c in table.columns]  # gaps have their own table
     kl = table.cell("vae", "KL z")
     assert kl["value"] == pytest.approx(6.2, abs=1e-12)
     assert kl["stderr"] == pytest.approx(math.sqrt(0.01 + 0.08 / 2), abs=1e-12)
@@ -224,10 +219,10 @@ def test_log_marginal_gap_kl_active_units_throughput(run_dir):
 def test_best_entries_marked_per_column(run_dir):
     table = _table(run_dir, "digits", "nats")
     best = {(row, col) for row, col, b in zip(table.cells["row"], table.cells["column"], table.cells["best"]) if b}
-    # bounds: highest; log p(x): highest (vae -28.1 > -28.2); gap: lowest (iwae 0.3 < 0.5);
+    # bounds: highest; log p(x): highest (vae -28.1 > -28.2);
     # throughput: highest (equal means: both marked); KL and active units: never marked
     assert best == {("iwae", "ELBO"), ("iwae", "IWAE_5"), ("iwae", "IWAE_50"), ("vae", "log p(x)"),
-                    ("iwae", "gap"), ("iwae", "samples/s (cpu)"), ("vae", "samples/s (cpu)")}
+                    ("iwae", "samples/s (cpu)"), ("vae", "samples/s (cpu)")}
 
 
 def test_bits_per_dim_conversion_by_hand(run_dir):
@@ -237,7 +232,6 @@ def test_bits_per_dim_conversion_by_hand(run_dir):
     assert elbo["value"] == pytest.approx(30.5 / scale, abs=1e-12)  # -(-30.5) / (64 ln 2) = 30.5 / 44.3614 bits/dim
     assert elbo["value"] == pytest.approx(0.687534, abs=1e-6)
     assert elbo["stderr"] == pytest.approx(math.sqrt(0.35) / scale, abs=1e-12)
-    assert bits.cell("iwae", "gap")["value"] == pytest.approx(0.3 / scale, abs=1e-12)  # gaps stay positive
     assert bits.cell("vae", "KL z")["value"] == pytest.approx(6.2 / scale, abs=1e-12)
     assert bits.cell("vae", "AU")["value"] == pytest.approx(10.5)  # counts are not converted
     # as an NLL the lowest bits/dim is best: still iwae's bounds, and vae's log p(x)
@@ -246,7 +240,8 @@ def test_bits_per_dim_conversion_by_hand(run_dir):
     assert bits.cells[bits.cells["best"] & (bits.cells["column"] == "log p(x)")]["row"].tolist() == ["vae"]
     # only discrete data (a Bernoulli likelihood, as the rows declare) gets a bits/dim table
     units = {(t.dataset, t.unit) for t in build_tables(load_results([run_dir]))}
-    assert units == {("digits", "nats"), ("digits", "bits/dim"), ("mixture-2d", "nats")}
+    assert units == {("digits", "nats"), ("digits", "bits/dim"), ("mixture-2d", "nats"), ("digits", "gap nats"),
+                     ("mixture-2d", "gap nats")}
 
 
 def test_config_labels_and_exact_log_marginal(run_dir):
@@ -255,7 +250,10 @@ def test_config_labels_and_exact_log_marginal(run_dir):
                           "vdm (steps=8, time=discrete)"]
     logp = table.cell("vdm (steps=8, time=discrete)", "log p(x)")
     assert (logp["value"], logp["note"]) == (pytest.approx(-10.0), "exact")
-    assert table.cell("vdm (steps=8, time=discrete)", "gap")["value"] == pytest.approx(0.25)
+    gaps = _table(run_dir, "mixture-2d", "gap nats")
+    assert gaps.cell("vdm (steps=8, time=discrete)", "ELBO")["value"] == pytest.approx(0.25)
+    assert gaps.cell("vdm (steps=8, time=discrete)", "log p(x)")["note"].startswith("exact; errors unpaired")
+    assert "vdm (steps=8, time=continuous)" not in gaps.rows  # no log p(x) and no IWAE of its own: no gap
     # 8 KL layers > MAX_KL_COLUMNS: their sum, sum_t 1/t, in one column; 2 layers: one column each
     total = table.cell("vdm (steps=8, time=discrete)", "KL total")
     assert total["value"] == pytest.approx(sum(1.0 / t for t in range(1, 9)))
@@ -380,11 +378,53 @@ def test_reports_does_not_import_torch(run_dir, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_gap_skips_the_bound_that_is_the_log_marginal_estimate(tmp_path):
-    # log p(x) estimated by IWAE-50 is the IWAE_50 bound itself: the gap goes to the next tightest (IWAE_5).
-    rows = [_row("digits", "vae", {}, 0, "iwae", 5, "iwae", -30.0, 0.1),
-            _row("digits", "vae", {}, 0, "iwae", 50, "iwae", -29.6, 0.1),
-            _row("digits", "vae", {}, 0, "log_marginal", 50, "log_marginal", -29.6, 0.1, method="iwae")]
-    table = _table(write_run(tmp_path / "run", rows), "digits", "nats")
-    gap = table.cell("vae", "gap")
-    assert gap["value"] == pytest.approx(0.4, abs=1e-12) and gap["note"] == "to IWAE_5"
+def test_unpaired_gap_per_model_against_its_own_log_marginal(run_dir):
+    # Rows without per-example values: gap = reference - bound per seed, its error the sum of the two errors
+    # (an upper bound whatever the correlation), then combined over seeds like any cell.
+    gaps = _table(run_dir, "digits", "gap nats")
+    assert gaps.rows == ["iwae", "vae"] and [c.id for c in gaps.columns] == ["log p(x)", "ELBO", "IWAE_5", "IWAE_50"]
+    # iwae: IWAE-1000 -28.2 (0.3) both seeds; IWAE_50 -28.4, -28.6 (0.3): gaps 0.2, 0.4 with errors 0.6
+    iwae50 = gaps.cell("iwae", "IWAE_50")
+    assert iwae50["value"] == pytest.approx(0.3, abs=1e-12)
+    assert iwae50["stderr"] == pytest.approx(math.sqrt(0.36 + 0.02 / 2), abs=1e-12)
+    # vae: ELBO gaps -28.0 - (-30.0) = 2.0 (0.3 + 0.4) and -28.2 - (-31.0) = 2.8 (0.3 + 0.2)
+    elbo = gaps.cell("vae", "ELBO")
+    assert elbo["value"] == pytest.approx(2.4, abs=1e-12)
+    assert elbo["stderr"] == pytest.approx(math.sqrt((0.49 + 0.25) / 2 + 0.32 / 2), abs=1e-12)
+    assert gaps.cell("vae", "log p(x)")["note"] == "IWAE-1000; errors unpaired (sum of standard errors)"
+    assert not gaps.cells["best"].any()  # each row has its own reference: nothing to rank across rows
+
+
+def _paired_rows(bounds: dict, reference: tuple[str, int | None, list[float]]) -> list[dict]:
+    rows = []
+    for (estimator, k), values in bounds.items():
+        row = _row("digits", "vae", {}, 0, estimator, k, estimator, sum(values) / len(values), 1.0)
+        rows.append({**row, "per_example": values, "schema_version": 3})
+    method, k, values = reference
+    row = _row("digits", "vae", {}, 0, "log_marginal", k, "log_marginal", sum(values) / len(values), 1.0,
+               method=method)
+    return [*rows, {**row, "per_example": values, "schema_version": 3}]
+
+
+def test_paired_gap_from_per_example_values_never_a_bound_against_itself(tmp_path):
+    # log p(x) as IWAE-50 is the IWAE_50 bound itself (same estimate, same draws): no gap to it. The others are
+    # paired: d = logp_i - bound_i over the 4 examples, gap mean(d), error sd(d) / sqrt(4).
+    logp = [-20.0, -25.0, -30.0, -21.0]
+    elbo = [-21.0, -26.5, -31.0, -23.0]  # d = 1.0, 1.5, 1.0, 2.0: mean 1.375, sd 0.4787
+    iwae5 = [-20.5, -25.5, -30.4, -21.6]  # d = 0.5, 0.5, 0.4, 0.6: mean 0.5, sd 0.08165
+    rows = _paired_rows({("elbo", 1): elbo, ("iwae", 5): iwae5, ("iwae", 50): logp}, ("iwae", 50, logp))
+    gaps = _table(write_run(tmp_path / "run", rows), "digits", "gap nats")
+    assert [c.id for c in gaps.columns] == ["log p(x)", "ELBO", "IWAE_5"]
+    assert gaps.cell("vae", "ELBO")["value"] == pytest.approx(1.375, abs=1e-12)
+    assert gaps.cell("vae", "ELBO")["stderr"] == pytest.approx(0.478714 / 2, abs=1e-6)
+    assert gaps.cell("vae", "IWAE_5")["value"] == pytest.approx(0.5, abs=1e-12)
+    # unpaired, the error would be 1 + 1 = 2 nats: pairing is what makes the gap resolvable
+    assert gaps.cell("vae", "IWAE_5")["stderr"] == pytest.approx(0.0816497 / 2, abs=1e-6)
+    assert gaps.cell("vae", "log p(x)")["note"] == "IWAE-50"
+    # an exact log p(x) outranks any estimate, and the largest-K IWAE bound is the reference without one
+    exact = _paired_rows({("iwae", 5): iwae5, ("iwae", 500): logp}, ("exact", None, logp))
+    assert _table(write_run(tmp_path / "exact", exact), "digits", "gap nats").cell("vae", "log p(x)")["note"] == "exact"
+    no_logp = [row for row in rows if row["estimator"] != "log_marginal"]
+    gaps = _table(write_run(tmp_path / "nologp", no_logp), "digits", "gap nats")
+    assert gaps.cell("vae", "log p(x)")["note"] == "IWAE-50" and [c.id for c in gaps.columns][1:] == ["ELBO",
+                                                                                                    "IWAE_5"]

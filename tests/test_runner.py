@@ -19,6 +19,7 @@ import estimators
 from bench.cli import main
 from bench.data import load_dataset
 from bench.plan.suite import SUITES_DIR
+from bench.run.evaluators import DEFAULT_REPLICATES
 from bench.store import CELLS_FILE
 from bench.train import TrainConfig, train_model
 from reports.schema import MANIFEST_FILE, RESULTS_FILE, read_jsonl, read_rows
@@ -70,9 +71,10 @@ def _recompute(model, x: torch.Tensor, seed: int, batch: int, fn) -> list:
 
 DIRECT = {  # estimator -> (metric, per-batch call returning an Estimate)
     "elbo": ("elbo", lambda k: lambda m, x: estimators.elbo(m, x, samples=k)),
-    "iwae": ("iwae", lambda k: lambda m, x: estimators.iwae(m, x, k=k)),
+    "iwae": ("iwae", lambda k: lambda m, x: estimators.iwae(m, x, k=k, replicates=DEFAULT_REPLICATES)),
     "kl_terms": ("kl/z", lambda k: lambda m, x: estimators.kl_terms(m, x, samples=k)["z"]),
-    "log_marginal": ("log_marginal", lambda k: lambda m, x: estimators.log_marginal(m, x, k=k)),
+    "log_marginal": ("log_marginal",
+                     lambda k: lambda m, x: estimators.log_marginal(m, x, k=k, replicates=DEFAULT_REPLICATES)),
 }
 
 

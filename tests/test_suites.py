@@ -9,6 +9,7 @@ import pytest
 from bench.plan.fits import prepare
 from bench.plan.keys import SuiteError
 from bench.plan.suite import available_suites, load_suite, parse_suite, select
+from bench.run.evaluators import DEFAULT_REPLICATES
 from vaes.base import config_hash
 
 
@@ -44,7 +45,8 @@ def test_matrix_expansion_counts_and_defaults():
     suite = _parse(_suite())
     assert suite.eval == {"split": "test", "n_examples": None, "batch_size": 100, "data_seed": 0}
     assert [e.ks for e in suite.estimators] == [(1,), (1, 5), (7,)]
-    assert suite.estimators[2].params == {"method": "auto"} and suite.estimators[2].n_examples == 3
+    assert suite.estimators[2].params == {"method": "auto", "replicates": DEFAULT_REPLICATES}
+    assert suite.estimators[2].n_examples == 3
     plan = prepare(suite)
     # vae on 2 datasets, vae-wide on digits, linear-gaussian on its data: 4 fits x (train + 1 + 2 + 1) cells.
     assert len(plan.fits) == 4 and plan.n_cells == 4 * 5
@@ -160,7 +162,8 @@ def test_eval_configs_expand_into_evaluations_of_one_fit():
     # An entry without eval_configs keeps the cell ids it had before they existed (a resume still matches).
     fit, cell = vae[0], vae[0].cells[1]
     identity = {"dataset": fit.dataset, "split": "test", "model": "vae", "config_hash": fit.config_hash,
-                "train": config_hash(fit.train_config), "seed": 0, "estimator": "iwae", "k": 1, "params": {},
+                "train": config_hash(fit.train_config), "seed": 0, "estimator": "iwae", "k": 1,
+                "params": {"replicates": DEFAULT_REPLICATES},
                 "n_examples": None}
     assert cell.cell_id == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -183,3 +186,14 @@ def test_filters_narrow_the_suite_and_reject_names_outside_it():
         select(suite, models=["hvae"])
     with pytest.raises(SuiteError, match="leave no model"):
         select(suite, models=["linear-gaussian"], datasets=["digits"])
+
+
+def test_replicates_are_validated_when_the_suite_is_loaded():
+    base = {"datasets": ["digits"], "models": [{"name": "vae"}]}
+    suite = parse_suite({**base, "estimators": [{"name": "iwae", "k": 5, "replicates": 4}]}, source="x",
+                        default_name="x")
+    assert suite.estimators[0].params["replicates"] == 4
+    for bad in (1, 0, "2", 2.0, True):
+        with pytest.raises(SuiteError, match=r"estimators\[0\]\.replicates must be an integer"):
+            parse_suite({**base, "estimators": [{"name": "iwae", "k": 5, "replicates": bad}]}, source="x",
+                        default_name="x")

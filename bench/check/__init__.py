@@ -1,8 +1,10 @@
 """Bound-tightness regression check: `python -m bench check RUN_DIR --baseline FILE`.
 
 Compares every bound of a run (results.jsonl) with a committed baseline, cell by
-cell, and exits 1 when a bound got looser than the noise allows, 0 otherwise,
-2 on bad input. `--write-baseline FILE` turns a clean run into a baseline.
+cell, and exits 1 when a bound moved beyond the noise (looser: a regression;
+tighter: the baseline is stale and must be rewritten) or a baseline cell is
+missing from the run, 0 otherwise, 2 on bad input (a run of another suite, or
+nothing compared). `--write-baseline FILE` turns a clean run into a baseline.
 
 Cells match on (dataset, split, model, config_hash, estimator, k, seed, metric).
 
@@ -16,9 +18,12 @@ cli.py       the command line
 from .baseline import (
     BASELINE_FORMAT,
     BASELINE_FORMAT_VERSION,
+    Baseline,
     baseline_from_run,
+    check_same_suite,
     read_baseline,
     read_run_rows,
+    suite_identity,
     write_baseline,
 )
 from .cells import KEY_FIELDS, CheckInputError, cell_key, describe_key
@@ -33,9 +38,36 @@ from .rules import (
     compare_information,
     compare_throughput,
     policy_of,
+    slower_p_value,
 )
 
-__all__ = ["BASELINE_FORMAT", "BASELINE_FORMAT_VERSION", "KEY_FIELDS", "METRIC_POLICIES", "CheckInputError",
-           "CheckResult", "Finding", "Settings", "add_arguments", "baseline_from_run", "build_parser", "cell_key",
-           "compare", "compare_bound", "compare_information", "compare_throughput", "describe_key", "main",
-           "policy_of", "read_baseline", "read_run_rows", "render", "run_check", "write_baseline"]
+__all__ = [
+    "BASELINE_FORMAT",
+    "BASELINE_FORMAT_VERSION",
+    "KEY_FIELDS",
+    "METRIC_POLICIES",
+    "Baseline",
+    "CheckInputError",
+    "CheckResult",
+    "Finding",
+    "Settings",
+    "add_arguments",
+    "baseline_from_run",
+    "build_parser",
+    "cell_key",
+    "check_same_suite",
+    "compare",
+    "compare_bound",
+    "compare_information",
+    "compare_throughput",
+    "describe_key",
+    "main",
+    "policy_of",
+    "read_baseline",
+    "read_run_rows",
+    "render",
+    "run_check",
+    "slower_p_value",
+    "suite_identity",
+    "write_baseline",
+]

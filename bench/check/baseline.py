@@ -1,20 +1,36 @@
-"""Reading a run's rows and a baseline, and writing a baseline from a clean run (files via reports.schema)."""
+"""Reading a run's rows and a baseline, and writing a baseline from a clean run (files via reports.schema).
+
+A baseline belongs to one suite: it records the suite's name and a hash of its contents (the TOML as
+parsed, from the run's manifest), and a run of another suite, or of the same suite edited since, is
+refused: its cells would mostly be "missing", and what matched would be compared by accident.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from reports.schema import RESULTS_FILE, ResultsFileError, read_jsonl, read_manifest, upgrade_record, write_json
+from reports.schema import RESULTS_FILE, ResultsFileError, read_jsonl, read_manifest, upgrade_record, write_atomic
 
 from .cells import KEY_FIELDS, CellKey, CheckInputError, cell_key, describe_key, sort_key
-from .compare import rows_by_key
-from .rules import policy_of
+from .compare import rows_by_key, with_khat_share
+from .rules import KHAT_SHARE, policy_of
 
 BASELINE_FORMAT = "elbo-bench-baseline"
-BASELINE_FORMAT_VERSION = 1
-# Fields a baseline keeps for each cell, besides the key.
-CELL_FIELDS = ("value", "stderr", "mc_stderr", "unit", "n_examples", "method", "label", "model_config")
+BASELINE_FORMAT_VERSION = 2  # 1: without the suite's identity, replicates, khat_share, per-example values, timings
+# Fields a baseline keeps for each cell, besides the key (khat_share: of the cell's IWAE weights, None elsewhere).
+CELL_FIELDS = ("value", "stderr", "mc_stderr", "replicates", KHAT_SHARE, "per_example", "timing_s", "unit",
+               "n_examples", "method", "label", "model_config")
+REWRITE = "python -m bench check RUN_DIR --write-baseline FILE"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    cells: dict[CellKey, dict]
+    suite: dict  # {"name": ..., "hash": ...} of the suite the baseline was written from (hash None if unknown)
 
 
 def read_run_rows(run_dir: Path) -> list[dict]:
@@ -43,15 +59,16 @@ def read_run_rows(run_dir: Path) -> list[dict]:
     return [upgrade_record(row) for row in rows]
 
 
-def _run_manifest(run_dir: Path) -> dict:
+def read_run_manifest(run_dir: Path) -> dict:
     try:
         return read_manifest(run_dir, required=True)
     except ResultsFileError as error:
         raise CheckInputError(str(error)) from None
 
 
-def read_baseline(path: Path) -> dict[CellKey, dict]:
-    """Baseline cells by key; CheckInputError when missing, malformed or of another format version."""
+def read_baseline(path: Path) -> Baseline:
+    """The baseline's cells by key and its suite; CheckInputError when missing, malformed or of another format
+    version."""
     path = Path(path)
     if not path.is_file():
         raise CheckInputError(f"baseline not found: {path}")
@@ -65,7 +82,11 @@ def read_baseline(path: Path) -> dict[CellKey, dict]:
     version = data.get("format_version")
     if version != BASELINE_FORMAT_VERSION:
         raise CheckInputError(f"baseline {path} has format version {version!r}; this check reads version "
-                              f"{BASELINE_FORMAT_VERSION}: rewrite it with --write-baseline")
+                              f"{BASELINE_FORMAT_VERSION}: rewrite it ({REWRITE})")
+    suite = data.get("suite")
+    if not isinstance(suite, dict) or not isinstance(suite.get("name"), str):
+        raise CheckInputError(f"baseline {path} does not say which suite it belongs to (expected \"suite\": "
+                              f"{{\"name\": ..., \"hash\": ...}}); rewrite it ({REWRITE})")
     cells = data.get("cells")
     if not isinstance(cells, list) or not cells:
         raise CheckInputError(f"baseline {path} has no cells (expected a non-empty list under \"cells\")")
@@ -81,19 +102,38 @@ def read_baseline(path: Path) -> dict[CellKey, dict]:
         if cell_key(cell) in by_key:
             raise CheckInputError(f"baseline {path} holds the cell {describe_key(cell_key(cell))} twice")
         by_key[cell_key(cell)] = cell
-    return by_key
+    return Baseline(by_key, {"name": suite["name"], "hash": suite.get("hash")})
 
 
-def _suite_name(manifest: dict) -> str | None:
+def suite_identity(manifest: dict) -> dict:
+    """{"name", "hash"} of a run's suite: the sha256 of its parsed contents as canonical JSON (None where the
+    manifest does not hold the contents)."""
     suite = manifest.get("suite")
-    if isinstance(suite, dict):
-        return suite.get("name")
-    return suite if isinstance(suite, str) else None
+    if isinstance(suite, str):
+        return {"name": suite, "hash": None}
+    if not isinstance(suite, dict) or not isinstance(suite.get("name"), str):
+        return {"name": None, "hash": None}
+    contents = suite.get("contents")
+    digest = None if contents is None else hashlib.sha256(
+        json.dumps(contents, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"name": suite["name"], "hash": digest}
+
+
+def check_same_suite(baseline: Baseline, manifest: dict, baseline_path: Path) -> None:
+    """CheckInputError unless the run is of the baseline's suite, unchanged since the baseline was written."""
+    run = suite_identity(manifest)
+    if run["name"] != baseline.suite["name"]:
+        raise CheckInputError(f"baseline {baseline_path} belongs to suite {baseline.suite['name']!r}, the run to "
+                              f"suite {run['name']!r}: compare a run of the same suite")
+    if baseline.suite["hash"] is not None and run["hash"] != baseline.suite["hash"]:
+        raise CheckInputError(f"suite {run['name']!r} has changed since baseline {baseline_path} was written "
+                              f"(contents hash {baseline.suite['hash']} -> {run['hash']}): rewrite the baseline "
+                              f"({REWRITE})")
 
 
 def baseline_from_run(rows: list[dict], manifest: dict) -> dict:
     """The baseline document of a clean run: every compared metric of every ok cell, sorted by key."""
-    by_key = rows_by_key(rows)
+    by_key = with_khat_share(rows_by_key(rows))
     failed = [key for key, row in by_key.items() if row.get("status") == "failed"]
     if failed:
         raise CheckInputError(f"the run has {len(failed)} failed cell(s), e.g. {describe_key(failed[0])}: "
@@ -111,19 +151,39 @@ def baseline_from_run(rows: list[dict], manifest: dict) -> dict:
         "device": manifest.get("device"),
         "device_name": manifest.get("device_name"),
         "threads": manifest.get("threads"),
-        "suite": _suite_name(manifest),
         "command": manifest.get("command"),
         "started": manifest.get("started"),
         "finished": manifest.get("finished"),
     }
-    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, "provenance": provenance,
-            "cells": cells}
+    suite = suite_identity(manifest)
+    if suite["name"] is None:
+        raise CheckInputError("the run's manifest does not name its suite: a baseline must say which suite it is of")
+    return {"format": BASELINE_FORMAT, "format_version": BASELINE_FORMAT_VERSION, "suite": suite,
+            "provenance": provenance, "cells": cells}
 
 
 def write_baseline(run_dir: Path, path: Path) -> int:
     """Write the baseline of RUN_DIR to ``path`` (stable key order and indentation, so diffs read well)."""
-    document = baseline_from_run(read_run_rows(run_dir), _run_manifest(run_dir))
+    document = baseline_from_run(read_run_rows(run_dir), read_run_manifest(run_dir))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, document, indent=1)
+    text = baseline_text(document)
+    write_atomic(path, lambda f: f.write(text.encode()))
     return len(document["cells"])
+
+
+def baseline_text(document: dict) -> str:
+    """JSON with sorted keys and indent 1 (diffs read cell by cell), each list of numbers (per-example values,
+    timings) on one line rather than one line a number."""
+    lists: list[list] = []
+
+    def stash(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: stash(item) for key, item in value.items()}
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) or v is None for v in value):
+            lists.append(value)
+            return f"@numbers {len(lists) - 1}@"
+        return [stash(item) for item in value] if isinstance(value, list) else value
+
+    text = json.dumps(stash(document), indent=1, sort_keys=True, default=str)
+    return re.sub(r'"@numbers (\d+)@"', lambda match: json.dumps(lists[int(match[1])]), text) + "\n"

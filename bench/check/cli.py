@@ -9,11 +9,11 @@ import math
 import sys
 from pathlib import Path
 
-from .baseline import read_baseline, read_run_rows, write_baseline
+from .baseline import REWRITE, check_same_suite, read_baseline, read_run_manifest, read_run_rows, write_baseline
 from .cells import CheckInputError
 from .compare import CheckResult, compare
 from .render import render
-from .rules import DEFAULT_FLOOR_NATS, DEFAULT_Z, Settings
+from .rules import DEFAULT_FLOOR_NATS, DEFAULT_THROUGHPUT_ALPHA, DEFAULT_Z, Settings
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -44,13 +44,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"absolute tolerance added to it, nats per example (default {DEFAULT_FLOOR_NATS:g})")
     parser.add_argument("--throughput-ratio", type=_ratio, default=None, metavar="R",
                         help="fail when throughput falls below R x the baseline (default: off, never fail on time)")
-    parser.add_argument("--fail-on-missing", action="store_true",
-                        help="fail when a cell is present on one side only (default: report it)")
+    parser.add_argument("--throughput-alpha", type=_ratio, default=DEFAULT_THROUGHPUT_ALPHA, metavar="P",
+                        help="level of the one-sided Mann-Whitney U test on the timing samples that a throughput "
+                             f"drop must also pass (default {DEFAULT_THROUGHPUT_ALPHA:g})")
+    parser.add_argument("--fail-on-new", action="store_true",
+                        help="also fail when the run has cells the baseline lacks (cells of the baseline missing "
+                             "from the run always fail)")
 
 
 def run_check(run_dir: Path, baseline_path: Path, settings: Settings) -> tuple[CheckResult, str]:
+    """The comparison and its report; CheckInputError when the run is of another suite or nothing was compared."""
     baseline = read_baseline(baseline_path)
-    result = compare(baseline, read_run_rows(run_dir), settings)
+    result = compare(baseline.cells, read_run_rows(run_dir), settings)
+    check_same_suite(baseline, read_run_manifest(run_dir), baseline_path)
+    if result.compared == 0 and not result.count("regression"):
+        raise CheckInputError(f"0 cells compared: the run {run_dir} shares no compared cell with the "
+                              f"{len(baseline.cells)} cells of {baseline_path} (another seed, other models, or "
+                              f"changed configs?); run the baseline's suite as it was, or rewrite the baseline "
+                              f"({REWRITE})")
     return result, render(result, run_dir, baseline_path)
 
 
@@ -62,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {count} cells to {args.write_baseline}")
             return EXIT_OK
         settings = Settings(z=args.z, floor=args.floor, throughput_ratio=args.throughput_ratio,
-                            fail_on_missing=args.fail_on_missing)
+                            throughput_alpha=args.throughput_alpha, fail_on_new=args.fail_on_new)
         result, text = run_check(args.run_dir, args.baseline, settings)
     except CheckInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from .cells import KEY_FIELDS, CellKey, CheckInputError, cell_key, describe_key, sort_key
-from .rules import FINDING_KINDS, Finding, Settings, active_comparison
+from .rules import FINDING_KINDS, KHAT_SHARE, Finding, Settings, active_comparison
 
 
 def rows_by_key(rows: Iterable[dict]) -> dict[CellKey, dict]:
@@ -35,8 +35,8 @@ class CheckResult:
     @property
     def failed(self) -> bool:
         fails = {kind for kind, fails in FINDING_KINDS.items() if fails}
-        if self.settings.fail_on_missing:
-            fails |= {"missing in run", "new in run"}
+        if self.settings.fail_on_new:
+            fails.add("new in run")
         return any(finding.kind in fails for finding in self.findings)
 
 
@@ -54,8 +54,14 @@ def _config_changes(missing: list[CellKey], new: list[CellKey]) -> dict[tuple, s
             for model in sorted(set(old) & set(now))}
 
 
+def with_khat_share(rows: dict[CellKey, dict]) -> dict[CellKey, dict]:
+    """Each row with the khat_share of its cell (the value of the cell's khat_share row; None without one)."""
+    shares = {key[:-1]: row.get("value") for key, row in rows.items() if key[-1] == KHAT_SHARE}
+    return {key: {**row, KHAT_SHARE: shares.get(key[:-1])} for key, row in rows.items()}
+
+
 def compare(baseline: dict[CellKey, dict], run_rows: list[dict], settings: Settings) -> CheckResult:
-    run = rows_by_key(row for row in run_rows if row.get("status") != "skipped")
+    run = with_khat_share(rows_by_key(row for row in run_rows if row.get("status") != "skipped"))
     findings: list[Finding] = []
     # A failed cell may carry no metric; it covers every baseline metric of the same cell.
     failed_cells = {key[:-1] for key, row in run.items() if row.get("status") == "failed"}

@@ -39,8 +39,10 @@ def render(result: CheckResult, run_dir: Path, baseline_path: Path) -> str:
     settings = result.settings
     ratio = "off" if settings.throughput_ratio is None else f"{settings.throughput_ratio:g}x"
     lines = [f"bench check: {run_dir} against {baseline_path}",
-             (f"tolerance: {settings.floor:g} nats + {settings.z:g} x combined standard error "
-              f"(Monte Carlo when present, else over examples); throughput ratio: {ratio}")]
+             (f"tolerance: {settings.floor:g} nats + {settings.z:g} x the standard error of the change (paired over "
+              f"examples where both sides keep them, else Monte Carlo, else over examples); throughput ratio: {ratio}"
+              + ("" if settings.throughput_ratio is None else
+                 f" and a Mann-Whitney U test at level {settings.throughput_alpha:g}"))]
     for text in result.config_changes:
         lines.append(f"model config changed: {text} (its cells show as missing on both sides)")
     header = ["cell", "baseline", "run", "change", "tolerance", "note"]
@@ -53,7 +55,12 @@ def render(result: CheckResult, run_dir: Path, baseline_path: Path) -> str:
     counts = ", ".join(f"{result.count(kind)} {kind}" for kind in FINDING_KINDS)
     verdict = "FAIL" if result.failed else "PASS"
     lines += ["", f"{verdict}: {result.compared} cells compared; {counts}"]
+    stale = [kind for kind in ("improvement", "missing in run") if result.count(kind)]
+    if stale:
+        counted = " and ".join(f"{result.count(kind)} {kind}" for kind in stale)
+        lines.append(f"the baseline is stale ({counted}): if the change is intended, rewrite the baseline "
+                     f"(python -m bench check {run_dir} --write-baseline {baseline_path}) and say why in the commit")
     # The conventional closing line of a test runner, so CI logs read the same as pytest's.
-    regressions = result.count("regression")
-    lines.append(f"check: {result.compared - regressions} passed, {regressions} failed")
+    failed = result.count("regression") + result.count("improvement")  # the compared cells that fail
+    lines.append(f"check: {result.compared - failed} passed, {failed} failed")
     return "\n".join(lines)

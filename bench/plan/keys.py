@@ -69,6 +69,10 @@ class KeyChecker:
     def positive(self, value: object, key: str) -> int:
         return self.integer(value, key, minimum=1)
 
+    def replicates(self, value: object, key: str) -> int:
+        """Independent replicates of an estimate: at least 2, the fewest whose spread gives an error."""
+        return self.integer(value, key, minimum=2)
+
     def non_negative(self, value: object, key: str) -> int:
         return self.integer(value, key, minimum=0)
 
@@ -104,7 +108,8 @@ class KeyChecker:
         return tuple(self.positive(v, where(i)) for i, v in enumerate(values))
 
     def param(self, value: object, key: str, spec: Param) -> object:
-        checkers = {"k-grid": self.k_grid, "k": self.positive, "str": self.string, "float": self.number}
+        checkers = {"k-grid": self.k_grid, "k": self.positive, "replicates": self.replicates, "str": self.string,
+                    "float": self.number}
         checked = checkers[spec.type](value, key)
         if spec.choices is not None and checked not in spec.choices:
             raise self.fail(key, f"must be one of {', '.join(spec.choices)}, got {value!r}")

@@ -1,7 +1,8 @@
 """One estimator cell: the estimator over the evaluation examples in batches, reduced to rows.
 
-Each row's value is the mean over examples, ``stderr`` the standard error over examples and
-``mc_stderr`` the Monte Carlo standard error of that mean. A cell that raises, yields a
+Each row's value is the mean over examples (a diagnostic may reduce otherwise: REDUCTIONS),
+``stderr`` the standard error over examples and ``mc_stderr`` the Monte Carlo standard error of
+that mean; bounds keep each example's value (``per_example``). A cell that raises, yields a
 non-finite value or runs out of memory becomes a failed row; an estimator with nothing to
 measure on the model a skipped row. Timing rows follow when the suite asks for them.
 """
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from bench.plan.fits import Cell, Fit
 from bench.plan.suite import Suite
-from reports.schema import ResultRow
+from reports.schema import PER_EXAMPLE_DECIMALS, ResultRow
 
 from .device import release_memory
 from .evaluators import ESTIMATORS, EstimatorKind, Measurement, NotApplicable
@@ -27,6 +28,22 @@ from .timing import measure
 log = logging.getLogger(__name__)
 
 TIMING_METRICS = ("throughput", "examples_per_s", "wall_median_s", "peak_memory")  # the rows of _timing_rows
+
+
+def _finite_part(values: Tensor) -> Tensor:
+    return values[torch.isfinite(values)]
+
+
+# How a measurement's per-example values [N] become its row's value. "mean" needs every value finite (a
+# non-finite one fails the cell); the others are diagnostics whose per-example values may be infinite
+# (e.g. a k-hat of inf: too few positive weights to fit a tail), NaN where nothing finite is left.
+REDUCTIONS = {
+    "mean": lambda values: float(values.mean()),
+    "finite_mean": lambda values: float(_finite_part(values).mean()),
+    "finite_max": lambda values: float(_finite_part(values).max()) if torch.isfinite(values).any() else math.nan,
+    # per-example standard errors -> the standard error of their mean: sqrt(sum se_i^2) / N
+    "mean_stderr": lambda values: float(values.pow(2).sum().sqrt() / values.numel()),
+}
 
 
 def error_text(exc: BaseException) -> str:
@@ -53,17 +70,23 @@ def evaluate(kind: EstimatorKind, model, x: Tensor, k: int | None, params: dict,
 
 
 def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: FitRows, device: torch.device,
-                  progress: bool) -> tuple[list[ResultRow], str, str | None]:
-    """The cell's rows, its status and its error (None unless failed)."""
+                  progress: bool, draw_seed: int | None = None) -> tuple[list[ResultRow], str, str | None]:
+    """The cell's rows, its status and its error (None unless failed).
+
+    ``draw_seed`` replaces the fit's seed for the Monte Carlo draws only (the rows keep the fit's seed):
+    the same trained model evaluated with other draws, to measure the spread of a cell over draws.
+    """
     kind = ESTIMATORS[cell.estimator]
     # Every cell draws from the fit's seed, so a cell can be recomputed alone (and K grids share draws).
-    torch.manual_seed(fit.seed)
+    torch.manual_seed(fit.seed if draw_seed is None else draw_seed)
     start = time.perf_counter()
     try:
         merged = evaluate(kind, model, x, cell.k, cell.spec.params, batch_size=suite.eval["batch_size"],
                           progress=progress)
         wall = time.perf_counter() - start
-        for metric, (_, values, _) in merged.items():
+        for metric, (m, values, _) in merged.items():
+            if m.reduction != "mean":
+                continue
             bad = int((~torch.isfinite(values)).sum())
             if bad:
                 raise FloatingPointError(f"{metric} is not finite for {bad} of {values.numel()} examples")
@@ -79,24 +102,28 @@ def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: Fi
     out = []
     for metric, (m, values, mc) in merged.items():
         n = values.numel()
-        stderr = float(values.std(unbiased=True) / math.sqrt(n)) if kind.per_example and n >= 2 else None
-        mc_stderr = float(mc.pow(2).sum().sqrt() / n) if mc is not None else None
-        out.append(rows.measured(cell, metric=metric, value=float(values.mean()), stderr=stderr, mc_stderr=mc_stderr,
-                                 unit=m.unit, k=k, n_examples=int(x.shape[0]), wall_s=wall, method=m.method))
+        averaged = kind.per_example and m.reduction == "mean" and n >= 2  # a mean has an error over examples
+        stderr = float(values.std(unbiased=True) / math.sqrt(n)) if averaged else None
+        mc_stderr = REDUCTIONS["mean_stderr"](mc) if mc is not None else None
+        per_example = tuple(round(v, PER_EXAMPLE_DECIMALS) for v in values.tolist()) if m.per_example else None
+        out.append(rows.measured(cell, metric=metric, value=REDUCTIONS[m.reduction](values), stderr=stderr,
+                                 mc_stderr=mc_stderr, unit=m.unit, k=k, n_examples=int(x.shape[0]), wall_s=wall,
+                                 method=m.method, replicates=m.replicates, per_example=per_example))
     if suite.timing["enabled"]:
-        out.extend(_timing_rows(suite, kind, model, x, cell, k, rows, device))
+        draws_per_k = cell.spec.params.get("replicates", 1)  # a replicated estimate draws R x K per example
+        out.extend(_timing_rows(suite, kind, model, x, cell, k, draws_per_k, rows, device))
     failed = [r.error for r in out if r.status == "failed"]
     return out, "failed" if failed else "ok", failed[0] if failed else None
 
 
-def _timing_rows(suite: Suite, kind: EstimatorKind, model, x: Tensor, cell: Cell, k: int | None, rows: FitRows,
-                 device: torch.device) -> list[ResultRow]:
+def _timing_rows(suite: Suite, kind: EstimatorKind, model, x: Tensor, cell: Cell, k: int | None, draws_per_k: int,
+                 rows: FitRows, device: torch.device) -> list[ResultRow]:
     settings = suite.timing
     batch = x[: settings["n_examples"]]
     n = int(batch.shape[0])
     try:
         result = measure(lambda: kind.evaluate(model, batch, cell.k, cell.spec.params), device=device,
-                         n_examples=n, k=k or 1, warmup=settings["warmup"], repeats=settings["repeats"])
+                         n_examples=n, k=(k or 1) * draws_per_k, warmup=settings["warmup"], repeats=settings["repeats"])
     except Exception as exc:  # noqa: BLE001
         release_memory(device)
         return [rows.failed(cell, metric="throughput", error=f"timing failed: {error_text(exc)}")]

@@ -15,7 +15,16 @@ from torch import Tensor
 import estimators
 from estimators.gradients import IMPORTANCE_WEIGHTED
 from estimators.kl import KL_METHODS
+from estimators.psis import MIN_DRAWS, RELIABLE_KHAT
 from vaes.base import GRADIENT_ESTIMATORS, LatentVariableModel, MissingCapability
+
+# Independent replicates of every IWAE estimate (iwae, and log_marginal where it is IWAE): the value is their
+# mean and mc_stderr comes from their spread, which is honest whatever the tails of the weights; the
+# delta-method error of one estimate is not (on a heavy-tailed Gaussian toy it is 0.55-0.87 of the true
+# spread; two replicates give 0.93-1.05 and cell-level 95% coverage 0.93-0.955). Two is the fewest that give
+# a spread and cost twice the draws; a cell of B examples has B degrees of freedom for its error. A suite
+# may raise it (`replicates = R` in an [[estimators]] table), never below 2.
+DEFAULT_REPLICATES = 2
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,9 @@ class Measurement:
     mc_stderr: Tensor | None  # [B] Monte Carlo standard error of each example's value, None where none
     unit: str
     method: str | None = None  # log_marginal only: "exact" or "iwae"
+    reduction: str = "mean"  # how the examples' values become the row's value (bench.run.evaluate.REDUCTIONS)
+    per_example: bool = False  # the row keeps each example's value (bounds: for paired comparisons in reports)
+    replicates: int | None = None  # independent replicates averaged into each value (None: one estimate)
 
 
 class NotApplicable(Exception):
@@ -37,7 +49,7 @@ class NotApplicable(Exception):
 class Param:
     """A suite parameter of an estimator: its type name (for validation messages), default and choices."""
 
-    type: str  # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "str", "float"
+    type: str  # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "replicates" (int >= 2), "str", "float"
     default: object
     choices: tuple[str, ...] | None = None
 
@@ -55,12 +67,35 @@ class EstimatorKind:
 def _elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
     est = estimators.elbo(model, x, samples=k)
     terms = [Measurement(name, value, None, "nats") for name, value in est.terms.items()]
-    return [Measurement("elbo", est.value, est.stderr, "nats"), *terms]
+    return [Measurement("elbo", est.value, est.stderr, "nats", per_example=True), *terms]
+
+
+def importance_weight_rows(est: estimators.Estimate, draws: int) -> list[Measurement]:
+    """The weight diagnostics of an IWAE estimate from ``draws`` = R x K weights per example.
+
+    ess: mean over examples of one estimate's effective sample size (of K). delta_stderr: the delta-method
+    Monte Carlo error of the cell mean (sqrt(sum se_i^2) / B), shown beside the replicate one for comparison;
+    it understates heavy tails. khat, khat_max, khat_share: mean and max over examples of the Pareto k-hat of
+    all R x K weights, and the share of examples above 0.7 (there the value and its error are unreliable);
+    examples whose k-hat is infinite (too few positive weights) count in the share and are left out of the
+    mean and max. k-hat needs MIN_DRAWS (100) weights per example: below that these three rows are absent.
+    """
+    rows = [Measurement("ess", est.terms["ess"], None, "samples")]
+    if "delta_stderr" in est.terms:
+        rows.append(Measurement("delta_stderr", est.terms["delta_stderr"], None, "nats", reduction="mean_stderr"))
+    if draws >= MIN_DRAWS:
+        khat = est.terms["khat"]
+        rows += [Measurement("khat", khat, None, "shape", reduction="finite_mean"),
+                 Measurement("khat_max", khat, None, "shape", reduction="finite_max"),
+                 Measurement("khat_share", (khat > RELIABLE_KHAT).double(), None, "share")]
+    return rows
 
 
 def _iwae(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
-    est = estimators.iwae(model, x, k=k)
-    return [Measurement("iwae", est.value, est.stderr, "nats"), Measurement("ess", est.terms["ess"], None, "samples")]
+    replicates = params["replicates"]
+    est = estimators.iwae(model, x, k=k, replicates=replicates)
+    return [Measurement("iwae", est.value, est.stderr, "nats", per_example=True, replicates=replicates),
+            *importance_weight_rows(est, k * replicates)]
 
 
 def _kl_terms(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -75,8 +110,12 @@ def _kl_terms(model: LatentVariableModel, x: Tensor, k: int | None, params: dict
 
 
 def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
-    est = estimators.log_marginal(model, x, method=params["method"], k=k)
-    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method)]
+    replicates = params["replicates"]
+    est = estimators.log_marginal(model, x, method=params["method"], k=k, replicates=replicates)
+    if est.method != "iwae":
+        return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method, per_example=True)]
+    return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method, per_example=True,
+                        replicates=replicates), *importance_weight_rows(est, k * replicates)]
 
 
 def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -86,7 +125,7 @@ def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params
     except MissingCapability as missing:
         raise NotApplicable(str(missing)) from None
     terms = est.terms
-    return [Measurement("diffusion_elbo", est.value, est.stderr, "nats"),
+    return [Measurement("diffusion_elbo", est.value, est.stderr, "nats", per_example=True),
             Measurement("diffusion_elbo/reconstruction", terms["reconstruction"], terms.get("reconstruction_stderr"),
                         "nats"),
             Measurement("diffusion_elbo/prior", terms["prior"], None, "nats"),
@@ -121,15 +160,17 @@ ESTIMATORS: dict[str, EstimatorKind] = {
         "ELBO with its reconstruction and per-layer KL terms (closed-form KL where the model has it)",
         _elbo, "elbo", "samples", {"samples": Param("k-grid", 1)}),
     "iwae": EstimatorKind(
-        "IWAE-K bound and effective sample size, for each K of the grid",
-        _iwae, "iwae", "k", {"k": Param("k-grid", [1, 5, 50])}),
+        "IWAE-K bound (mean of `replicates` independent estimates, their spread its error) with ESS, Pareto k-hat "
+        "(R x K >= 100) and the delta-method error, for each K of the grid",
+        _iwae, "iwae", "k", {"k": Param("k-grid", [1, 5, 50]), "replicates": Param("replicates", DEFAULT_REPLICATES)}),
     "kl_terms": EstimatorKind(
         "per-layer KL(q || p): closed form where available, else Monte Carlo with `samples` draws",
         _kl_terms, "kl", "samples", {"samples": Param("k-grid", 100), "method": Param("str", "auto", KL_METHODS)}),
     "log_marginal": EstimatorKind(
-        "log p(x): exact where the model has it, else the IWAE-k estimate (method auto)",
+        "log p(x): exact where the model has it, else the IWAE-k estimate (method auto; replicated as iwae)",
         _log_marginal, "log_marginal", "k",
-        {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS))}),
+        {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS)),
+         "replicates": Param("replicates", DEFAULT_REPLICATES)}),
     "diffusion_elbo": EstimatorKind(
         "a diffusion model's ELBO from its loss (L_T in discrete time, L_inf in continuous time), `samples` "
         "stratified times per example; skipped for other models",

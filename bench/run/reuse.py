@@ -4,9 +4,9 @@ Where a model has no exact log p(x), log_marginal is the IWAE-K bound. Every est
 fit seeds from the fit's seed and walks the same examples in the same batches, so an iwae cell
 with the same evaluation, K, examples and other parameters (any besides K and log_marginal's
 method, e.g. replicates) has already computed exactly those numbers: its
-"iwae" row becomes the log_marginal row (method "iwae"), its timing rows are copied (the same
-call was timed), and its effective sample size stays with it. Values are bit-identical to
-computing the cell (tests/test_executors.py holds that).
+"iwae" row becomes the log_marginal row (method "iwae"), and its other rows (the weight
+diagnostics, and the timings of the same call) are taken as they are. Values are bit-identical
+to computing the cell (tests/test_executors.py holds that, diagnostics included).
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from torch import Tensor
 
 from bench.plan.fits import Cell
 from reports.schema import ResultRow
-
-from .evaluate import TIMING_METRICS
 
 SOURCE, TARGET = "iwae", "log_marginal"  # estimator names, which are also their value rows' metric names
 
@@ -46,13 +44,8 @@ class IwaeReuse:
         if source is None:
             return None
         renamed = {"estimator": TARGET, "cell_id": cell.cell_id}
-        rows = []
-        for row in source:
-            if row.metric == SOURCE:
-                rows.append(dataclasses.replace(row, metric=TARGET, method=SOURCE, **renamed))
-            elif row.metric in TIMING_METRICS:
-                rows.append(dataclasses.replace(row, **renamed))
-        return tuple(rows)
+        value = {"metric": TARGET, "method": SOURCE}  # the value row: log p(x) by its IWAE estimate
+        return tuple(dataclasses.replace(row, **renamed, **(value if row.metric == SOURCE else {})) for row in source)
 
 
 def _key(cell: Cell, x: Tensor) -> tuple:

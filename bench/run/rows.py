@@ -15,11 +15,12 @@ class FitRows:
 
     def measured(self, cell: Cell, *, metric: str, value: float, unit: str, k: int | None, n_examples: int,
                  wall_s: float, stderr: float | None = None, mc_stderr: float | None = None,
-                 method: str | None = None, timing_s: tuple[float, ...] | None = None) -> ResultRow:
+                 method: str | None = None, timing_s: tuple[float, ...] | None = None,
+                 replicates: int | None = None, per_example: tuple[float, ...] | None = None) -> ResultRow:
         """A row with a value (status ok); ``k`` is the draws the value used (None: none, e.g. exact log p(x))."""
         return self._row(cell, metric=metric, value=float(value), stderr=stderr, mc_stderr=mc_stderr, unit=unit,
                          k=k, n_examples=n_examples, wall_s=wall_s, method=method, timing_s=timing_s,
-                         status="ok", error=None)
+                         replicates=replicates, per_example=per_example, status="ok", error=None)
 
     def failed(self, cell: Cell, *, metric: str, error: str) -> ResultRow:
         """The row of a cell (or timing) that raised, went non-finite or ran out of memory."""
@@ -31,7 +32,8 @@ class FitRows:
 
     def _without_value(self, cell: Cell, metric: str, status: str, error: str) -> ResultRow:
         return self._row(cell, metric=metric, value=None, stderr=None, mc_stderr=None, unit=None, k=cell.k,
-                         n_examples=None, wall_s=None, method=None, timing_s=None, status=status, error=error)
+                         n_examples=None, wall_s=None, method=None, timing_s=None, replicates=None, per_example=None,
+                         status=status, error=error)
 
     def _row(self, cell: Cell, **measurement) -> ResultRow:
         fit, evaluation = self.fit, cell.evaluation
