@@ -26,7 +26,7 @@ from bench.plan.fits import prepare
 from bench.plan.suite import load_suite
 from bench.run.evaluate import TIMING_METRICS
 from bench.run.executors import ExecutorSettings, configure
-from bench.run.threads import plan_parallelism
+from bench.run.threads import idle_cores, plan_parallelism
 from bench.store import CELLS_FILE, LOCK_FILE, ResultsStore, RunDirectoryError, RunLock
 from reports.schema import MANIFEST_FILE, read_jsonl, read_rows
 
@@ -79,15 +79,20 @@ def _suite_file(tmp_path: Path, text: str) -> str:
 
 # --- threads and workers ------------------------------------------------------------------------
 
-def test_defaults_never_oversubscribe_the_cores():
+def test_defaults_never_oversubscribe_the_cores(monkeypatch):
     assert plan_parallelism(8, cores=2) == (2, 1)  # one thread per fit, a fit per core
     assert plan_parallelism(1, cores=16).workers == 1  # never more workers than fits
     assert plan_parallelism(8, threads=4, cores=16) == (4, 4)
     assert plan_parallelism(8, threads=4, cores=2) == (1, 4)  # a suite asking for more threads than cores
     assert plan_parallelism(8, workers=3, cores=2) == (3, 1)  # asked for: taken as asked
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = configure("auto", n_fits=8, device=cpu, workers=None, threads=None)
-    assert auto.name == ("process" if auto.workers > 1 else "serial") and auto.threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 1.0, 1.0))  # one core busy with other work
+    assert idle_cores() == 3 and plan_parallelism(8).workers == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # a crowded machine: still one worker
+    assert idle_cores() == 1 and configure("auto", n_fits=8, device=cpu).name == "serial"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert configure("auto", n_fits=8, device=cpu) == ExecutorSettings("process", 4, 1)
     assert configure("auto", n_fits=1, device=cpu).name == "serial"
     assert configure("auto", n_fits=8, device=cuda).name == "serial"  # fits would share one GPU's memory
     assert configure("serial", n_fits=8, device=cpu, threads=2) == ExecutorSettings("serial", 1, 2)

@@ -26,6 +26,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cores() -> int:
+    """The available cores less those other work keeps busy (the 1-minute load average, rounded), at least one.
+
+    On a shared machine a second worker only competes with the jobs already there: on 2 cores with two
+    other busy processes, two workers ran the default suite slower than one.
+    """
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, available_cores() - busy)
+
+
 class Parallelism(NamedTuple):
     workers: int  # fits running at once
     threads: int  # torch intra-op (and inter-op) threads of each
@@ -33,14 +46,14 @@ class Parallelism(NamedTuple):
 
 def plan_parallelism(n_fits: int, *, workers: int | None = None, threads: int | None = None,
                      cores: int | None = None) -> Parallelism:
-    """Fill in what was not asked for: one thread per fit, and as many fits at once as the cores hold.
+    """Fill in what was not asked for: one thread per fit, and as many fits at once as the idle cores hold.
 
-    Without ``workers``: cores // threads fits at once, at least one and never more than there are fits.
-    Given both, they are taken as asked (the caller may oversubscribe on purpose).
+    Without ``workers``: cores // threads fits at once (``cores`` defaults to the idle ones), at least one and
+    never more than there are fits. Given both, they are taken as asked (the caller may oversubscribe).
     """
     threads = threads or 1
     if workers is None:
-        workers = max(1, min(n_fits, (cores or available_cores()) // threads))
+        workers = max(1, min(n_fits, (cores or idle_cores()) // threads))
     return Parallelism(workers, threads)
 
 
