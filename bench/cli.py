@@ -3,7 +3,8 @@
 Bad input (unknown names, K < 1, a malformed suite, CUDA asked for but absent,
 missing data, an output directory holding another run) gives one line on
 stderr and exit status 2, and is found before any run directory is created.
-A run whose cells partly failed exits 1 after finishing every other cell.
+A run whose cells partly failed exits 1 after finishing every other cell; a run
+stopped by Ctrl-C ends its workers, prints the command that finishes it, and exits 130.
 """
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import argparse
 import datetime as dt
 import importlib
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 from .plan.keys import SuiteError
 from .plan.suite import available_suites
 from .run.evaluators import estimator_descriptions
+from .run.executors import EXECUTORS
+
+EXECUTOR_NAMES = tuple(EXECUTORS)
 
 log = logging.getLogger("bench")
 
-EXIT_OK, EXIT_FAILED_CELLS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED_CELLS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SELECTION_FLAGS = ("suite", "models", "datasets", "estimators", "seed", "threads")
 
 
@@ -88,9 +93,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", type=_csv, help="comma-separated datasets of the suite to keep")
     parser.add_argument("--estimators", type=_csv, help="comma-separated estimators of the suite to keep")
     parser.add_argument("--seed", type=int, help="run this one seed instead of the suite's seeds")
-    parser.add_argument("--threads", type=int, help="torch threads for training and evaluation (overrides the "
-                                                     "suite's `threads`)")
+    parser.add_argument("--threads", type=int, help="torch threads of each fit, for training and evaluation "
+                                                     "(overrides the suite's `threads`); default 1")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda; default auto")
+    parser.add_argument("--executor", default="auto", choices=["auto", *EXECUTOR_NAMES],
+                        help="where fits run: serial (this process), process (worker processes), ray (Ray tasks); "
+                             "default auto: process when several fits can run at once on the cores, else serial")
+    parser.add_argument("--workers", type=int, help="fits at once (process: worker processes; ray: tasks in flight); "
+                                                     "default: as many as the cores hold at --threads each")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="with --executor ray: join this cluster (e.g. auto, or host:6379 after `ray start "
+                             "--head`); default a local instance sized to this machine")
+    parser.add_argument("--gpus-per-fit", type=float, default=1.0,
+                        help="with --executor ray and a CUDA device: GPUs each fit asks for (0.5 puts two on one)")
     parser.add_argument("--out", type=Path, help="the run directory to create; default runs/<timestamp>-<suite>")
     parser.add_argument("--resume", type=Path, metavar="DIR",
                         help="finish the run in DIR: skip its finished cells, redo unfinished and failed ones")
@@ -127,6 +142,20 @@ def _resolve_device(name: str):
         raise UsageError(str(exc)) from None
 
 
+def _check_executor_flags(args: argparse.Namespace) -> None:
+    from .run.executors import check_available
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be an integer >= 1, got {args.workers}")
+    if args.executor == "serial" and args.workers not in (None, 1):
+        raise UsageError("--executor serial runs one fit at a time; drop --workers or use --executor process")
+    if args.ray_address is not None and args.executor != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    if not args.gpus_per_fit > 0:
+        raise UsageError(f"--gpus-per-fit must be > 0, got {args.gpus_per_fit}")
+    check_available(args.executor)
+
+
 def _suite_record(suite) -> dict:
     return {"name": suite.name, "description": suite.description, "source": suite.source, "contents": suite.contents}
 
@@ -138,6 +167,7 @@ def _prepare_run(args: argparse.Namespace):
     from .store import check_new_run_dir, load_manifest
 
     device = _resolve_device(args.device)
+    _check_executor_flags(args)
     if args.resume is not None:
         given = [f"--{flag}" for flag in SELECTION_FLAGS if getattr(args, flag) is not None] + (
             ["--out"] if args.out is not None else [])
@@ -173,17 +203,16 @@ def _prepare_run(args: argparse.Namespace):
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from .data import DataIntegrityError, DataNotFoundError
+    from .run.executors import ExecutorUnavailable
     from .store import RunDirectoryError
 
-    return UsageError, SuiteError, RunDirectoryError, DataNotFoundError, DataIntegrityError
+    return UsageError, SuiteError, RunDirectoryError, DataNotFoundError, DataIntegrityError, ExecutorUnavailable
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    import torch
-
     from . import provenance
-    from .run.execute import execute
-    from .store import ResultsStore
+    from .run.execute import execute, pending_tasks
+    from .store import ResultsStore, RunDirectoryError
 
     try:
         plan, run_dir, device, options, _ = _prepare_run(args)
@@ -191,30 +220,63 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"bench run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     cache_dir = args.cache_dir or _default_cache_dir()
-    previous_threads = torch.get_num_threads()
-    if plan.suite.threads is not None:
-        torch.set_num_threads(plan.suite.threads)  # before the manifest records it
-    if args.resume is not None:
-        store = ResultsStore.resume(run_dir)
-        log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
-                 plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
-        store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()],
-                              finished=None)
-    else:
-        manifest = provenance.manifest(run_dir.name, device=device, command=["python", "-m", "bench", *argv],
-                                       suite=_suite_record(plan.suite), options=options)
-        store = ResultsStore.create(run_dir, manifest)
-        log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
     try:
-        with store:
-            summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet)
-            store.update_manifest(finished=provenance.now(), threads=torch.get_num_threads(), summary={
+        if args.resume is not None:
+            store = ResultsStore.resume(run_dir)
+        else:
+            settings = _executor_settings(args, plan, len(plan.fits), device, plan.suite.threads)
+            options = {**options, "threads": settings.threads}  # a resume runs with the same threads
+            manifest = provenance.manifest(run_dir.name, device=device, command=["python", "-m", "bench", *argv],
+                                           suite=_suite_record(plan.suite), options=options)
+            manifest.update(threads=settings.threads, executor=_executor_record(settings))
+            store = ResultsStore.create(run_dir, manifest)
+    except RunDirectoryError as exc:
+        print(f"bench run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with store:
+        if args.resume is not None:
+            n_fits = len(pending_tasks(plan, store, device=device, cache_dir=None, progress=False))
+            threads = store.manifest.get("options", {}).get("threads") or plan.suite.threads
+            settings = _executor_settings(args, plan, n_fits, device, threads)
+            log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
+                     plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
+            store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()], finished=None)
+        else:
+            log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
+        log.info("executor %s: %s workers x %d threads", settings.name, settings.workers or "Ray's", settings.threads)
+        try:
+            summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet,
+                              settings=settings)
+        except KeyboardInterrupt:
+            print(f"bench run: interrupted; finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        store.update_manifest(finished=provenance.now(), threads=settings.threads,
+                              executor=_executor_record(settings), summary={
                 "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
-    finally:
-        torch.set_num_threads(previous_threads)  # in-process callers keep their setting
     if not args.no_report:
         _build_report(run_dir)
     return _print_summary(run_dir, plan, summary, quiet=args.quiet)
+
+
+def _executor_settings(args: argparse.Namespace, plan, n_fits: int, device, threads: int | None):
+    from .run.executors import configure
+
+    return configure(args.executor, n_fits=n_fits, device=device, workers=args.workers, threads=threads,
+                     ray_address=args.ray_address, gpus_per_fit=args.gpus_per_fit)
+
+
+def _executor_record(settings) -> dict:
+    return {"name": settings.name, "workers": settings.workers, "ray_address": settings.ray_address}
+
+
+def _resume_command(args: argparse.Namespace, run_dir: Path) -> str:
+    """The command that finishes an interrupted run with the same executor and cache."""
+    command = ["python", "-m", "bench", "run", "--resume", str(run_dir)]
+    for flag in ("executor", "workers", "ray_address", "cache_dir", "data_dir"):
+        value = getattr(args, flag)
+        if value is not None and not (flag == "executor" and value == "auto"):
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+    return shlex.join(command)
 
 
 def _build_report(run_dir: Path) -> None:
@@ -293,4 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _configure_logging(getattr(args, "quiet", False))
-    return args.handler(args, argv)
+    try:
+        return args.handler(args, argv)
+    except KeyboardInterrupt:  # before a run directory exists (a run in progress says how to resume it)
+        print("bench: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

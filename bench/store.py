@@ -4,15 +4,23 @@ Layout of ``<run_dir>``:
   results.jsonl   one ResultRow a line, flushed per row
   cells.jsonl     {"cell_id", "status"} appended once a cell's rows are on disk (fsync'ed before)
   manifest.json   provenance, rewritten atomically
+  run.lock        held (fcntl.flock, exclusive) by the one process writing the run; holds its pid
 
 A cell counts as finished only once its line is in cells.jsonl, so a process
 killed at any moment (SIGKILL included) loses at most the cell in flight: on
 resume, rows of unfinished (or failed) cells and a torn last line are dropped
 by rewriting the file atomically before anything is appended.
+
+One process writes a run directory: a new run and a resume both take the lock
+before writing anything, and a second one stops with RunDirectoryError. The
+kernel drops a flock when its holder dies, so a lock left by a killed process
+is taken over by the next run without any clean-up.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from pathlib import Path
 from typing import Self
 
@@ -32,6 +40,7 @@ from reports.schema import (
 log = logging.getLogger(__name__)
 
 CELLS_FILE = "cells.jsonl"
+LOCK_FILE = "run.lock"
 
 
 class RunDirectoryError(ValueError):
@@ -51,7 +60,7 @@ def check_new_run_dir(run_dir: Path) -> None:
             run_id = "?"
         raise RunDirectoryError(f"output directory {run_dir} already holds run {run_id}; "
                                 f"finish it with --resume {run_dir} or choose another --out")
-    if any(run_dir.iterdir()):
+    if any(path.name != LOCK_FILE for path in run_dir.iterdir()):
         raise RunDirectoryError(f"output directory {run_dir} is not empty and holds no run; choose another --out")
 
 
@@ -63,13 +72,44 @@ def load_manifest(run_dir: Path) -> dict:
         raise RunDirectoryError(f"{exc}; --resume takes a directory written by `python -m bench run`") from None
 
 
+class RunLock:
+    """The exclusive lock on a run directory, held from ``acquire`` until ``release`` (or the holder's death)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        """Take the lock or raise RunDirectoryError naming the process that holds it."""
+        lock = cls(run_dir)
+        fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes (PEP 446)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirectoryError(f"run directory {run_dir} is in use by process {holder} (another run or "
+                                    f"resume of it); wait for that one to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        lock._fd = fd
+        return lock
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 class ResultsStore:
     """Appends rows and cell completions durably; knows which cells a previous attempt finished."""
 
-    def __init__(self, run_dir: Path, manifest: dict, finished: dict[str, str]):
+    def __init__(self, run_dir: Path, manifest: dict, finished: dict[str, str], lock: RunLock):
         self.run_dir = Path(run_dir)
         self.manifest = manifest
         self.finished = finished  # cell_id -> status of the cells already complete
+        self._lock = lock
         self._results = JsonlAppender(self.run_dir / RESULTS_FILE)
         self._cells = JsonlAppender(self.run_dir / CELLS_FILE)
 
@@ -78,13 +118,29 @@ class ResultsStore:
         run_dir = Path(run_dir)
         check_new_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(run_dir, manifest)
-        return cls(run_dir, manifest, {})
+        lock = RunLock.acquire(run_dir)
+        try:
+            check_new_run_dir(run_dir)  # again under the lock: another run may have started since
+            write_manifest(run_dir, manifest)
+            return cls(run_dir, manifest, {}, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def resume(cls, run_dir: Path) -> ResultsStore:
         """Reopen a run: keep the rows of cells that finished ok; drop the rest and any torn line."""
         run_dir = Path(run_dir)
+        load_manifest(run_dir)  # a run directory, before a lock file is made in it
+        lock = RunLock.acquire(run_dir)
+        try:
+            return cls._reopen(run_dir, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _reopen(cls, run_dir: Path, lock: RunLock) -> ResultsStore:
         manifest = load_manifest(run_dir)
         try:
             cells, cells_torn = read_jsonl(run_dir / CELLS_FILE)
@@ -103,7 +159,7 @@ class ResultsStore:
             rewrite_jsonl(run_dir / RESULTS_FILE, kept)
         if cells_torn or len(done_ok) != len(cells):
             rewrite_jsonl(run_dir / CELLS_FILE, [{"cell_id": c, "status": s} for c, s in done_ok.items()])
-        return cls(run_dir, manifest, done_ok)
+        return cls(run_dir, manifest, done_ok, lock)
 
     def append_row(self, row: ResultRow) -> None:
         self._results.append(row.to_record())
@@ -122,6 +178,7 @@ class ResultsStore:
     def close(self) -> None:
         self._results.close()
         self._cells.close()
+        self._lock.release()
 
     def __enter__(self) -> Self:
         return self

@@ -45,3 +45,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def serial_reference(tmp_path_factory):
+    """suite (a shipped name or a file) -> an uninterrupted serial run of it, made on first use and shared:
+    the reference the other executors must reproduce bit for bit (tests/test_executors.py, tests/test_ray.py)."""
+    from bench.cli import main
+
+    root = tmp_path_factory.mktemp("serial-reference")
+    made: dict[str, Path] = {}
+
+    def reference(suite: str) -> Path:
+        if suite not in made:
+            out = root / f"run-{len(made)}"
+            assert main(["run", "--all", "--suite", suite, "--out", str(out), "--cache-dir", str(root / "cache"),
+                         "--no-report", "--quiet", "--executor", "serial"]) == 0
+            made[suite] = out
+        return made[suite]
+
+    return reference
+
+
+# The smoke suite with one expensive cell per fit (IWAE-20000 log p(x), about a second), so a signal sent
+# right after a fit's training cell lands while that fit still has cells to run.
+SLOW_SMOKE_K = 20000
+
+
+@pytest.fixture(scope="session")
+def slow_smoke(tmp_path_factory) -> str:
+    """The file of the smoke suite with an expensive cell per fit (for runs interrupted mid-fit)."""
+    from bench.plan.suite import SUITES_DIR
+
+    text = (SUITES_DIR / "smoke.toml").read_text()
+    slow = text.replace('name = "smoke"', 'name = "slow-smoke"').replace(
+        'method = "auto"\nk = 100\n', f'method = "auto"\nk = {SLOW_SMOKE_K}\n')
+    assert slow.count(f"k = {SLOW_SMOKE_K}") == 1
+    path = tmp_path_factory.mktemp("slow-smoke") / "slow-smoke.toml"
+    path.write_text(slow)
+    return str(path)

@@ -146,7 +146,8 @@ def test_a_nan_cell_fails_while_the_others_finish(tmp_path, capsys, nan_model):
                                           'config = { latent_dim = 2, hidden = [8] }'
                                           "\n\n[[estimators]]", 1)
     suite = _write_suite(tmp_path, text)
-    code = _run(tmp_path, "--all", "--suite", suite)
+    # Serial: a model registered at run time exists only in this process, not in worker processes.
+    code = _run(tmp_path, "--all", "--suite", suite, "--executor", "serial")
     err = capsys.readouterr().err
     assert code == 1
     assert "2 failed" in err and f"digits / {nan_model} / seed 0 / iwae k=1" in err

@@ -84,7 +84,7 @@ class Suite:
     models: tuple[ModelSpec, ...]
     estimators: tuple[EstimatorSpec, ...]
     seeds: tuple[int, ...]
-    threads: int | None  # torch intra-op threads for training and evaluation; None: torch's default
+    threads: int | None  # torch threads of each fit (training and evaluation); None: one (bench.run.threads)
     train: dict  # TrainConfig fields (seed excluded: it comes from `seeds`)
     eval: dict  # EVAL_DEFAULTS keys
     timing: dict  # TIMING_DEFAULTS keys

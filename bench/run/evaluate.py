@@ -27,6 +27,8 @@ from .timing import measure
 
 log = logging.getLogger(__name__)
 
+TIMING_METRICS = ("throughput", "examples_per_s", "wall_median_s", "peak_memory")  # the rows of _timing_rows
+
 
 def _finite_part(values: Tensor) -> Tensor:
     return values[torch.isfinite(values)]

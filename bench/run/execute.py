@@ -1,10 +1,11 @@
-"""``execute``: a plan's pending cells run against a results store, fit by fit.
+"""``execute``: a plan's pending cells run against a results store, one task per fit, on an executor.
 
-Cells are grouped by the fit they share (dataset x model entry x seed): the fit is
-trained (or loaded from the checkpoint cache by bench.train) once, then each
-estimator cell evaluates it, under the evaluation's overrides where it has any
-(the trained state loaded into the rebuilt model). A fit whose training fails fails
-its cells; a cell that fails is written as a failed row; the run goes on.
+Cells are grouped by the fit they share (dataset x model entry x seed); each fit with pending
+cells is one task (bench.run.fit_task: train or load, then evaluate), run by the executor the
+settings name (bench.run.executors). Results stream back here, and only here are they written:
+a cell's rows, then its completion, flushed as they come, so the store has one writer whatever
+runs the fits. A fit whose worker died has its unfinished cells written as failed rows (the
+error says so; ``--resume`` reruns them) and the run goes on.
 """
 from __future__ import annotations
 
@@ -13,18 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
-from bench.plan.fits import Cell, Evaluation, Fit, Plan
-from bench.plan.suite import EstimatorSpec, Suite
+from bench.plan.fits import Cell, Fit, Plan
 from bench.store import ResultsStore
-from bench.train import build_model, train_model
-from reports.schema import ResultRow
 
-from .evaluate import error_text, evaluate_cell
-from .evaluators import ESTIMATORS
-from .rows import FitRows
+from . import executors
+from .executors import ExecutorSettings, FitLost
+from .fit_task import CellResult, FitTask, failed_cell
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +39,42 @@ class Summary:
             setattr(self, status, getattr(self, status) + 1)
 
 
+def pending_tasks(plan: Plan, store: ResultsStore, *, device: torch.device, cache_dir: Path | None,
+                  progress: bool) -> list[FitTask]:
+    """One task per fit that has cells the store has not finished."""
+    cache = None if cache_dir is None else Path(cache_dir).resolve()
+    tasks = []
+    for index, fit in enumerate(plan.fits):
+        pending = tuple(c for c in fit.cells if c.cell_id not in store.finished)
+        if pending:
+            tasks.append(FitTask(index, store.manifest["run_id"], plan.suite, fit, pending, device, cache, progress))
+    return tasks
+
+
 def execute(plan: Plan, store: ResultsStore, *, device: torch.device, cache_dir: Path | None,
-            progress: bool = True) -> Summary:
+            progress: bool = True, settings: ExecutorSettings | None = None) -> Summary:
+    """Run every pending cell; ``settings`` default to the serial executor with torch's current threads."""
     summary = Summary()
     fit_of = {cell.cell_id: fit for fit in plan.fits for cell in fit.cells}
     for cell_id, status in store.finished.items():
         if cell_id in fit_of:
             summary.count(status)
+    settings = settings or ExecutorSettings("serial", 1, torch.get_num_threads())
+    tasks = pending_tasks(plan, store, device=device, cache_dir=cache_dir,
+                          progress=progress and settings.name == "serial")
     bar = tqdm(total=plan.n_cells, initial=len(summary.failed) + summary.ok + summary.skipped, unit="cell",
                desc="cells", disable=not progress, dynamic_ncols=True)
+    writer = _Writer(store, summary, bar, {task.index: task for task in tasks},
+                     {cell.cell_id: cell for fit in plan.fits for cell in fit.cells})
+    events = executors.run(tasks, plan.datasets, settings)
     try:
-        for fit in plan.fits:
-            pending = [c for c in fit.cells if c.cell_id not in store.finished]
-            if pending:
-                _run_fit(plan, fit, pending, _Writer(store, summary, bar, fit), device=device, cache_dir=cache_dir,
-                         progress=progress)
+        for event in events:
+            if isinstance(event, FitLost):
+                writer.lost(event)
+            else:
+                writer.cell(event)
     finally:
+        events.close()  # ends the executor's workers, also on an error or Ctrl-C here
         bar.close()
     return summary
 
@@ -69,77 +86,23 @@ class _Writer:
     store: ResultsStore
     summary: Summary
     bar: tqdm
-    fit: Fit
+    tasks: dict[int, FitTask]  # fit index -> its task
+    cells: dict[str, Cell]
 
-    def cell(self, cell: Cell, rows: list[ResultRow], status: str, error: str | None) -> None:
-        for row in rows:
+    def cell(self, result: CellResult) -> None:
+        fit: Fit = self.tasks[result.fit_index].fit
+        for row in result.rows:
             self.store.append_row(row)
-        self.store.finish_cell(cell.cell_id, status)
-        self.summary.count(status, cell.describe(self.fit), error)
+        self.store.finish_cell(result.cell_id, result.status)
+        description = self.cells[result.cell_id].describe(fit)
+        self.summary.count(result.status, description, result.error)
+        self.bar.set_postfix_str(description)
         self.bar.update(1)
 
-
-def _run_fit(plan: Plan, fit: Fit, pending: list[Cell], write: _Writer, *, device: torch.device,
-             cache_dir: Path | None, progress: bool) -> None:
-    dataset = plan.datasets[fit.dataset]
-    rows = FitRows(write.store.manifest["run_id"], fit, device)
-    write.bar.set_postfix_str(f"{fit.dataset}/{fit.model.label}/seed {fit.seed}: training")
-    try:
-        model, train_seconds = _train_or_build(fit, dataset, device=device, cache_dir=cache_dir, progress=progress)
-        _check_finite_parameters(model)
-    except Exception as exc:  # noqa: BLE001  a failed fit fails its cells; the run goes on
-        error = f"training failed: {error_text(exc)}"
-        log.error("%s / %s / seed %d: %s", fit.dataset, fit.model.label, fit.seed, error)
-        for cell in pending:
-            metric = "train_seconds" if cell.spec is None else ESTIMATORS[cell.estimator].primary_metric
-            write.cell(cell, [rows.failed(cell, metric=metric, error=error)], "failed", error)
-        return
-    n_train = int(dataset.split("train").shape[0])
-    evaluated = {}  # evaluation label -> the trained model rebuilt under its overrides
-    for cell in pending:
-        write.bar.set_postfix_str(cell.describe(fit))
-        if cell.spec is None:
-            row = rows.measured(cell, metric="train_seconds", value=train_seconds, unit="s", k=None,
-                                n_examples=n_train, wall_s=train_seconds)
-            write.cell(cell, [row], "ok", None)
-            continue
-        if cell.evaluation.label not in evaluated:
-            evaluated[cell.evaluation.label] = _evaluated_model(fit, cell.evaluation, model, dataset, device)
-        x = _evaluation_examples(plan.suite, dataset, cell.spec, device)
-        cell_rows, status, error = evaluate_cell(plan.suite, evaluated[cell.evaluation.label], x, cell, fit, rows,
-                                                 device, progress)
-        write.cell(cell, cell_rows, status, error)
-
-
-def _evaluated_model(fit: Fit, evaluation: Evaluation, trained: torch.nn.Module, dataset,
-                     device: torch.device) -> torch.nn.Module:
-    """The trained model under an evaluation's overrides: rebuilt, then given the trained state (no training)."""
-    if not evaluation.changed:
-        return trained
-    model = build_model(fit.model.name, evaluation.model_config, dataset)
-    model.load_state_dict(trained.state_dict())  # same keys and shapes: checked by prepare()
-    return model.to(device).eval()
-
-
-def _train_or_build(fit: Fit, dataset, *, device: torch.device, cache_dir: Path | None,
-                    progress: bool) -> tuple[torch.nn.Module, float]:
-    """The fit's trained model (bench.train trains it or loads its checkpoint) and its training seconds."""
-    built = build_model(fit.model.name, fit.model_config, dataset)
-    if not any(p.requires_grad for p in built.parameters()):
-        # Nothing to fit (a closed-form oracle): it is evaluated as built, and its training took no time.
-        return built.to(device).eval(), 0.0
-    result = train_model(fit.model.name, fit.model_config, dataset, fit.train_config,
-                         device=device, cache_dir=cache_dir, progress=progress)
-    return result.model, result.train_seconds
-
-
-def _check_finite_parameters(model: torch.nn.Module) -> None:
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise FloatingPointError(f"non-finite parameters after training: {', '.join(bad[:3])}")
-
-
-def _evaluation_examples(suite: Suite, dataset, spec: EstimatorSpec, device: torch.device) -> Tensor:
-    x = dataset.split(suite.eval["split"])
-    n = spec.n_examples or suite.eval["n_examples"]
-    return (x if n is None else x[:n]).to(device)
+    def lost(self, event: FitLost) -> None:
+        task = self.tasks[event.fit_index]
+        error = f"{event.error}; `--resume` reruns the fit"
+        log.error("%s: %s", task.describe(), error)
+        for cell in task.cells:
+            if cell.cell_id not in self.store.finished:
+                self.cell(failed_cell(task, cell, error))

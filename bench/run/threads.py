@@ -1,0 +1,69 @@
+"""How many fits run at once and how many torch threads each gets, so the cores are never oversubscribed.
+
+On a shared machine torch's default (one thread per core in every process) made tiny matmuls
+50 times slower: two processes each spinning two threads on two cores. So every process that
+runs a fit sets its threads explicitly, and by default workers x threads <= the cores.
+
+The default is one thread per fit whatever the executor and the number of workers: the last bits
+of a float reduction can depend on how many threads split it, and a run's values must not depend
+on how many fits ran at once. The embedded suites' models are small enough that one thread is
+also the fastest; a large model on CPU asks for more with --threads (or the suite's ``threads``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def idle_cores() -> int:
+    """The available cores less those other work keeps busy (the 1-minute load average, rounded), at least one.
+
+    On a shared machine a second worker only competes with the jobs already there: on 2 cores with two
+    other busy processes, two workers ran the default suite slower than one.
+    """
+    try:
+        busy = round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, available_cores() - busy)
+
+
+class Parallelism(NamedTuple):
+    workers: int  # fits running at once
+    threads: int  # torch intra-op (and inter-op) threads of each
+
+
+def plan_parallelism(n_fits: int, *, workers: int | None = None, threads: int | None = None,
+                     cores: int | None = None) -> Parallelism:
+    """Fill in what was not asked for: one thread per fit, and as many fits at once as the idle cores hold.
+
+    Without ``workers``: cores // threads fits at once (``cores`` defaults to the idle ones), at least one and
+    never more than there are fits. Given both, they are taken as asked (the caller may oversubscribe).
+    """
+    threads = threads or 1
+    if workers is None:
+        workers = max(1, min(n_fits, (cores or idle_cores()) // threads))
+    return Parallelism(workers, threads)
+
+
+def apply_threads(threads: int) -> None:
+    """Set torch's intra-op and inter-op threads in this process.
+
+    Inter-op threads can only be set before the process's first inter-op work; a process that has
+    done some keeps what it has (the fits' ops run on the intra-op pool, which is always set).
+    """
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(threads)
