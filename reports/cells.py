@@ -26,7 +26,7 @@ import pandas as pd
 
 from reports.gap import per_seed_gaps
 from reports.load import ok_rows
-from reports.schema import STRUCTURE_FIELDS
+from reports.schema import STRUCTURE_FIELDS, method_settings
 
 BOUND_ESTIMATORS = ("elbo", "iwae")
 MODEL_KEYS = ["dataset", "split", "model", "config_hash"]
@@ -45,6 +45,18 @@ def _bound_column(rows: pd.DataFrame) -> pd.Series:
 def _diffusion_elbo_column(rows: pd.DataFrame) -> pd.Series:
     continuous = rows["continuous_time"].eq(True)  # as the model declares it (None: unknown, not continuous)
     return pd.Series(np.where(continuous, CONTINUOUS_ELBO, LOSS_ELBO), index=rows.index)
+
+
+def sampler_settings(method: object) -> str:
+    """The settings of an AIS or BDMC row, short: "200x16 L10 sigmoid prior" (steps x chains, leapfrog steps,
+    schedule, start). Each distinct setting is its own column, so different settings are never averaged."""
+    _, settings = method_settings(method)
+    return (f"{settings.get('steps')}x{settings.get('chains')} L{settings.get('leapfrog')} "
+            f"{settings.get('schedule')} {settings.get('init')}")
+
+
+def _sampler_column(prefix: str) -> Callable[[pd.DataFrame], pd.Series]:
+    return lambda r: prefix + " " + r["method"].map(sampler_settings)
 
 
 def _layer(rows: pd.DataFrame) -> pd.Series:
@@ -70,6 +82,15 @@ QUANTITIES: dict[str, Quantity] = {
         match=lambda r: (r["estimator"] == "log_marginal") & (r["metric"] == "log_marginal"),
         column=lambda r: pd.Series("log p(x)", index=r.index),
     ),
+    # AIS's log p(x) (a stochastic lower bound) and the BDMC sandwich, a column per setting
+    "ais": Quantity(
+        match=lambda r: (r["estimator"] == "ais") & (r["metric"] == "log_marginal"),
+        column=_sampler_column("AIS"),
+    ),
+    **{f"bdmc_{side}": Quantity(
+        match=lambda r, side=side: (r["estimator"] == "bdmc") & (r["metric"] == f"bdmc_{side}"),
+        column=_sampler_column(f"BDMC {side}"),
+    ) for side in ("lower", "upper", "gap")},
     "kl": Quantity(
         match=lambda r: (r["estimator"] == "kl_terms") & r["metric"].str.startswith("kl/"),
         column=lambda r: "KL " + _layer(r),
@@ -135,7 +156,7 @@ def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
             value=("value", "mean"),
             stderr=("stderr", lambda s: float(np.sqrt(np.mean(np.square(s)))) if s.notna().any() else np.nan),
             kind=("kind", "first"), layer=("layer", "first"), k=("k", "first"), method=("method", "first"),
-            estimator=("estimator", "first"), device=("device", "first"),
+            estimator=("estimator", "first"), device=("device", "first"), n_examples=("n_examples", "first"),
             config_key=("config_key", "first"), model_config=("model_config", "first"),
             suite_label=("suite_label", "first"),
             **{name: (name, "first") for name in STRUCTURE_FIELDS},

@@ -12,6 +12,12 @@ from reports.table import ComparisonTable
 
 NOTE_COLUMNS = {"log p(x)": "log p(x) from", "published NLL": "source",
                 "measured NLL": "our model", "difference": "protocol"}
+# Columns named by their settings (AIS and BDMC) carry a note by kind.
+NOTE_KINDS = {"ais": "on", "bdmc_gap": "BDMC [lower, upper]"}
+
+
+def _note_header(column) -> str | None:
+    return NOTE_COLUMNS.get(column.id) or NOTE_KINDS.get(column.kind)
 
 
 def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], list[list[str]]]:
@@ -20,8 +26,8 @@ def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], 
     header = ["model"]
     for column in table.columns:
         header.append(column.id)
-        if column.id in NOTE_COLUMNS:
-            header.append(NOTE_COLUMNS[column.id])
+        if _note_header(column):
+            header.append(_note_header(column))
     body = []
     for row in table.rows:
         line = [row]
@@ -32,7 +38,7 @@ def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], 
                 cell = None
             empty = cell is None or pd.isna(cell["value"])  # e.g. no difference across protocols
             line.append("" if empty else render_cell(cell, table.unit))
-            if column.id in NOTE_COLUMNS:
+            if _note_header(column):
                 line.append("" if cell is None else render_note(cell["note"]))
         body.append(line)
     return header, body

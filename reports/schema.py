@@ -62,7 +62,7 @@ class ResultRow:
     estimator: str  # an estimator of bench's table, or "train"
     k: int | None  # draws per example; None where the estimator draws none (or has no K)
     metric: str  # e.g. "elbo", "kl/z1", "throughput"
-    method: str | None  # log_marginal only: "exact" or "iwae"
+    method: str | None  # how a log p(x) was computed: "exact", "iwae", or method_text("ais", settings) (below)
     value: float | None  # None (null) for failed and skipped rows, and for non-finite numbers
     stderr: float | None  # standard error over examples
     mc_stderr: float | None  # Monte Carlo standard error of the mean
@@ -103,6 +103,29 @@ class ResultRow:
 
 
 ROW_COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow))
+
+
+# --- the method column ------------------------------------------------------------------------------
+# "exact" and "iwae" (with K in the k column) name a log p(x) by themselves. A sampler whose value depends on
+# settings other than K writes them beside its name, e.g. "ais(steps=1000, chains=16, leapfrog=10,
+# schedule=sigmoid, init=prior)" for AIS and "bdmc(...)" for the BDMC rows, so a row says how it was made.
+
+def method_text(name: str, settings: dict) -> str:
+    """'name(key=value, ...)' in the settings' order; the name alone without settings."""
+    if not settings:
+        return name
+    return f"{name}({', '.join(f'{key}={value}' for key, value in settings.items())})"
+
+
+def method_settings(text: str | None) -> tuple[str | None, dict[str, str]]:
+    """The inverse of ``method_text``: (name, {key: value text}); (text, {}) for a bare name, (None, {}) for None."""
+    if not isinstance(text, str):
+        return None, {}
+    name, paren, rest = text.partition("(")
+    if not paren or not rest.endswith(")"):
+        return text, {}
+    pairs = (part.partition("=") for part in rest[:-1].split(", ") if part)
+    return name, {key: value for key, _, value in pairs}
 
 
 def _finite(value: object) -> object:

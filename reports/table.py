@@ -9,13 +9,14 @@ import pandas as pd
 
 from reports.cells import bound_order, natural_sorted, sort_models, summarize
 from reports.gap import LOG_MARGINAL_COLUMN, PAIRED, UNPAIRED
+from reports.schema import method_settings
 from reports.units import BITS_PER_DIM, BITS_SIGN, GAP_NATS, NATS, NLL_NATS, bits_per_dim_dims, nats_to_bits_per_dim
 
 # Above this many KL layers (a VDM's z_1..z_T) the table shows their sum; the plot shows the profile.
 MAX_KL_COLUMNS = 6
 
 # Which way is better, per kind of column, in nats (None: neither, nothing is marked).
-BETTER: dict[str, str] = {"bound": "max", "log_marginal": "max", "throughput": "max"}
+BETTER: dict[str, str] = {"bound": "max", "log_marginal": "max", "ais": "max", "throughput": "max"}
 FLIPPED = {"max": "min", "min": "max"}
 
 
@@ -107,7 +108,30 @@ def _throughput(s: pd.DataFrame, rows: list[str]) -> tuple[list[dict], list[str]
 def _log_marginal_note(cell: pd.Series) -> str:
     if cell["method"] == "exact":
         return "exact"
-    return f"IWAE-{int(cell['k'])} estimate" if pd.notna(cell["k"]) else f"{cell['method']} estimate"
+    if pd.notna(cell["k"]):
+        return f"IWAE-{int(cell['k'])} estimate"
+    name, settings = method_settings(cell["method"])
+    described = ", ".join(f"{key} {value}" for key, value in settings.items())
+    return f"{str(name).upper()} estimate ({described})" if settings else f"{name} estimate"
+
+
+def _sampler_cells(s: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """AIS columns (note: the examples they average over, often fewer than the bounds') and one BDMC column
+    per setting: the gap upper - lower, noted with the sandwich [lower, upper] in nats."""
+    ais = s[s["kind"] == "ais"].copy()
+    ais["note"] = ais["n_examples"].map(lambda n: f"{int(n)} examples" if pd.notna(n) else "")
+    gaps = s[s["kind"] == "bdmc_gap"].copy()
+    sides = s[s["kind"].isin(["bdmc_lower", "bdmc_upper"])].set_index(["label", "method", "kind"])["value"]
+
+    def sandwich(gap: pd.Series) -> str:
+        lower, upper = (sides.get((gap["label"], gap["method"], f"bdmc_{side}")) for side in ("lower", "upper"))
+        if lower is None or upper is None:
+            return ""
+        return f"[{lower:.2f}, {upper:.2f}] nats, {int(gap['n_examples'])} simulated"
+
+    gaps["note"] = [sandwich(gap) for _, gap in gaps.iterrows()]
+    return (pd.concat([ais, gaps], ignore_index=True),
+            natural_sorted(ais["column"].unique()) + natural_sorted(gaps["column"].unique()))
 
 
 def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
@@ -120,6 +144,7 @@ def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
     keep.loc[logp, "note"] = keep[logp].apply(_log_marginal_note, axis=1)
     kl, kl_ids = _kl_cells(s)
     au, au_ids = _active_unit_cells(s)
+    samplers, sampler_ids = _sampler_cells(s)
     derived, throughput_ids = _throughput(s, rows)
     seeds = s.groupby("label", sort=False)["n_seeds"].max().reset_index()
     seeds = seeds.rename(columns={"label": "row", "n_seeds": "value"})
@@ -127,6 +152,7 @@ def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
     cells = pd.concat([
         seeds,
         keep.rename(columns={"label": "row"}),
+        samplers.rename(columns={"label": "row"}),
         kl.rename(columns={"label": "row"}),
         au.rename(columns={"label": "row"}),
         pd.DataFrame.from_records(derived, columns=["row", "column", "kind", "value", "stderr", "note"]),
@@ -136,7 +162,7 @@ def _nats_table(s: pd.DataFrame, dataset: str, split: str) -> ComparisonTable:
     column_ids = ["seeds", *bound_ids]
     if logp.any():
         column_ids.append("log p(x)")
-    column_ids += kl_ids + au_ids + throughput_ids
+    column_ids += sampler_ids + kl_ids + au_ids + throughput_ids
     kinds = cells.drop_duplicates("column").set_index("column")["kind"]
     columns = [Column(c, kinds[c], BETTER.get(kinds[c])) for c in column_ids]
     return ComparisonTable(dataset, split, NATS, rows, columns, cells)

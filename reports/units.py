@@ -20,7 +20,8 @@ DISCRETE_LIKELIHOODS = ("bernoulli",)
 # How a kind of quantity converts to bits/dim: log-likelihoods (bounds, log p(x)) turn into a
 # negative log-likelihood (-value / (D ln 2), lower is better); non-negative quantities in nats
 # (gap, KL) keep their sign (value / (D ln 2)); anything else (counts, throughput) is left as is.
-BITS_SIGN: dict[str, float] = {"bound": -1.0, "log_marginal": -1.0, "gap": 1.0, "kl": 1.0, "kl_total": 1.0}
+BITS_SIGN: dict[str, float] = {"bound": -1.0, "log_marginal": -1.0, "ais": -1.0, "gap": 1.0, "bdmc_gap": 1.0,
+                               "kl": 1.0, "kl_total": 1.0}
 
 
 def bits_per_dim_dims(cells: pd.DataFrame) -> int | None:

@@ -33,6 +33,7 @@ SMALL_MODELS = {
     "beta-vae": {"data_dim": 40, "latent_dim": 5, "hidden": (16,), "likelihood": "gaussian"},
     "hvae": {"data_dim": 40, "latent_dims": (5, 3), "hidden": ((16,), (8,))},
     "linear-gaussian": {},
+    "mixture-latent": {},
 }
 
 

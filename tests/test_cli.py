@@ -171,8 +171,8 @@ def test_list_prints_every_registry(capsys):
         assert f"  {name} " in out
     assert main(["list", "estimators"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["elbo", "iwae", "kl_terms", "log_marginal", "diffusion_elbo",
-                                                     "active_units", "gradient_snr"]
+    assert [line.split()[0] for line in lines] == ["elbo", "iwae", "kl_terms", "log_marginal", "ais", "bdmc",
+                                                     "diffusion_elbo", "active_units", "gradient_snr"]
 
 
 def test_help_runs_as_a_module():

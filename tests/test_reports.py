@@ -428,3 +428,19 @@ def test_paired_gap_from_per_example_values_never_a_bound_against_itself(tmp_pat
     gaps = _table(write_run(tmp_path / "nologp", no_logp), "digits", "gap nats")
     assert gaps.cell("vae", "log p(x)")["note"] == "IWAE-50" and [c.id for c in gaps.columns][1:] == ["ELBO",
                                                                                                     "IWAE_5"]
+
+
+def test_ais_outranks_iwae_as_the_reference_and_is_named_by_its_settings(tmp_path):
+    # log p(x) by IWAE-50 and by AIS on the same 4 examples: AIS is the reference (REFERENCE_RANK), so IWAE_50
+    # gets a gap too: d = ais_i - iwae50_i = 0.2, 0.1, 0.3, 0.2: mean 0.2, sd 0.08165.
+    logp = [-20.0, -25.0, -30.0, -21.0]
+    ais = [-19.8, -24.9, -29.7, -20.8]
+    rows = _paired_rows({("iwae", 5): [-20.5, -25.5, -30.4, -21.6], ("iwae", 50): logp}, ("iwae", 50, logp))
+    method = "ais(steps=200, chains=16, leapfrog=10, schedule=sigmoid, init=prior)"
+    annealed = _row("digits", "vae", {}, 0, "ais", None, "log_marginal", sum(ais) / 4, 1.0, method=method)
+    gaps = _table(write_run(tmp_path / "run", [*rows, {**annealed, "per_example": ais, "schema_version": 3}]),
+                  "digits", "gap nats")
+    assert gaps.cell("vae", "log p(x)")["note"] == "AIS-200x16 from prior"
+    assert gaps.cell("vae", "log p(x)")["value"] == pytest.approx(sum(ais) / 4, abs=1e-12)
+    assert gaps.cell("vae", "IWAE_50")["value"] == pytest.approx(0.2, abs=1e-12)
+    assert gaps.cell("vae", "IWAE_50")["stderr"] == pytest.approx(0.0816497 / 2, abs=1e-6)

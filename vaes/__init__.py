@@ -10,7 +10,7 @@ from .registry import (
 )
 
 # Family modules are imported explicitly: importing one registers its variants.
-from . import gaussian_toy, hierarchical, linear_gaussian, mlp_vae, vdm, vdm_oracle  # noqa: F401  isort: skip
+from . import gaussian_toy, hierarchical, linear_gaussian, mixture_latent, mlp_vae, vdm, vdm_oracle  # noqa: F401  isort: skip
 
 __all__ = [
     "LatentVariableModel",

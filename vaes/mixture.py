@@ -24,16 +24,16 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x), [B], computed in float64."""
-        x = x.double()[:, None, :]  # [B, 1, D]
+        """log p(x) for x [..., D], [...], computed in float64."""
+        x = x.double()[..., None, :]  # [..., 1, D] against the components
         per_component = -0.5 * (((x - self.means) / self.stds).pow(2) + 2 * torch.log(self.stds)
-                                + LOG_2PI).sum(-1)  # [B, C]
-        return torch.logsumexp(per_component + torch.log(self.weights), dim=1)
+                                + LOG_2PI).sum(-1)  # [..., C]
+        return torch.logsumexp(per_component + torch.log(self.weights), dim=-1)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """n draws, [n, D] float64."""
         component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        noise = torch.randn(n, self.dim, dtype=torch.float64, device=self.means.device, generator=generator)
         return self.means[component] + self.stds[component] * noise
 
 

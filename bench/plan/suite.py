@@ -239,6 +239,11 @@ def _parse_estimators(value: object, check: KeyChecker) -> tuple[EstimatorSpec, 
         for pname, spec in kind.params.items():
             raw = entry.get(pname, spec.default)
             params[pname] = check.param(raw, f"{key}.{pname}", spec)
+        if kind.check is not None:
+            try:
+                kind.check(params)
+            except ValueError as exc:
+                raise check.fail(key, f"({name}): {exc}") from None
         ks = params.pop(kind.k_param) if kind.k_param else (None,)
         n_examples = check.positive(entry["n_examples"], f"{key}.n_examples") if "n_examples" in entry else None
         specs.append(EstimatorSpec(name, tuple(ks), params, n_examples))

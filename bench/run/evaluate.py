@@ -97,8 +97,8 @@ def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: Fi
         error = error_text(exc)
         log.error("%s: %s", cell.describe(fit), error)
         return [rows.failed(cell, metric=kind.primary_metric, error=error)], "failed", error
-    # An exact log p(x) draws nothing: its rows (timings included) have no K.
-    k = None if any(m.method == "exact" for m, _, _ in merged.values()) else cell.k
+    # An exact log p(x) draws nothing and AIS has no K: their rows (timings included) have none.
+    k = None if any(m.method not in (None, "iwae") for m, _, _ in merged.values()) else cell.k
     out = []
     for metric, (m, values, mc) in merged.items():
         n = values.numel()
@@ -109,7 +109,7 @@ def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: Fi
         out.append(rows.measured(cell, metric=metric, value=REDUCTIONS[m.reduction](values), stderr=stderr,
                                  mc_stderr=mc_stderr, unit=m.unit, k=k, n_examples=int(x.shape[0]), wall_s=wall,
                                  method=m.method, replicates=m.replicates, per_example=per_example))
-    if suite.timing["enabled"]:
+    if suite.timing["enabled"] and kind.timed(cell.spec.params):
         draws_per_k = cell.spec.params.get("replicates", 1)  # a replicated estimate draws R x K per example
         out.extend(_timing_rows(suite, kind, model, x, cell, k, draws_per_k, rows, device))
     failed = [r.error for r in out if r.status == "failed"]

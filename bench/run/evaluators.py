@@ -13,9 +13,12 @@ import torch
 from torch import Tensor
 
 import estimators
+from estimators.ais import check_ais_settings
 from estimators.gradients import IMPORTANCE_WEIGHTED
 from estimators.kl import KL_METHODS
+from estimators.marginal import DEFAULT_AIS_CHAINS, DEFAULT_AIS_STEPS
 from estimators.psis import MIN_DRAWS, RELIABLE_KHAT
+from reports.schema import method_text
 from vaes.base import GRADIENT_ESTIMATORS, LatentVariableModel, MissingCapability
 
 # Independent replicates of every IWAE estimate (iwae, and log_marginal where it is IWAE): the value is their
@@ -35,7 +38,7 @@ class Measurement:
     values: Tensor  # [B] (or [1] for a dataset-level count)
     mc_stderr: Tensor | None  # [B] Monte Carlo standard error of each example's value, None where none
     unit: str
-    method: str | None = None  # log_marginal only: "exact" or "iwae"
+    method: str | None = None  # how log p(x) was computed: see reports.schema.ResultRow.method
     reduction: str = "mean"  # how the examples' values become the row's value (bench.run.evaluate.REDUCTIONS)
     per_example: bool = False  # the row keeps each example's value (bounds: for paired comparisons in reports)
     replicates: int | None = None  # independent replicates averaged into each value (None: one estimate)
@@ -49,7 +52,9 @@ class NotApplicable(Exception):
 class Param:
     """A suite parameter of an estimator: its type name (for validation messages), default and choices."""
 
-    type: str  # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "replicates" (int >= 2), "str", "float"
+    # "k-grid" (int or list of ints >= 1), "k" (one int >= 1), "replicates" (int >= 2), "str", "float", or
+    # "setting": any value, checked by the estimator's own ``check``
+    type: str
     default: object
     choices: tuple[str, ...] | None = None
 
@@ -62,6 +67,12 @@ class EstimatorKind:
     k_param: str | None = None  # the parameter giving K (draws per example); None: no K
     params: dict[str, Param] = field(default_factory=dict)
     per_example: bool = True  # False: needs every example at once (dataset-level statistics)
+    # Checks the parameters together when the suite is loaded (ValueError naming the setting), for estimators
+    # whose settings the estimators package validates itself.
+    check: Callable[[dict], None] | None = None
+    # Whether a cell with these parameters gets timing rows: not where re-running it for them would cost too
+    # much (AIS); its rows' wall_s is the cell's time even so.
+    timed: Callable[[dict], bool] = lambda params: True
 
 
 def _elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -109,13 +120,67 @@ def _kl_terms(model: LatentVariableModel, x: Tensor, k: int | None, params: dict
     return [Measurement("kl", total, total_stderr, "nats"), *rows]
 
 
+# --- log p(x), and annealed importance sampling -------------------------------------------------------------
+
+# The settings of estimators.ais that a suite may set, with the defaults of estimators.log_marginal's method "ais".
+AIS_PARAMS = {
+    "steps": Param("setting", DEFAULT_AIS_STEPS),
+    "chains": Param("setting", DEFAULT_AIS_CHAINS),
+    "leapfrog": Param("setting", 10),
+    "schedule": Param("setting", "sigmoid"),  # estimators.ais.SCHEDULES
+    "init": Param("setting", "prior"),  # estimators.ais.INITS
+}
+
+
+def _ais_settings(params: dict) -> dict:
+    return {name: params[name] for name in AIS_PARAMS}
+
+
+def _check_ais(params: dict) -> None:
+    check_ais_settings(**_ais_settings(params))
+
+
 def _log_marginal(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
     replicates = params["replicates"]
-    est = estimators.log_marginal(model, x, method=params["method"], k=k, replicates=replicates)
+    try:
+        est = estimators.log_marginal(model, x, method=params["method"], k=k, replicates=replicates)
+    except MissingCapability as missing:  # method "ais" of a model without log_joint
+        raise NotApplicable(str(missing)) from None
     if est.method != "iwae":
-        return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method, per_example=True)]
+        default_ais = {name: param.default for name, param in AIS_PARAMS.items()}
+        method = method_text("ais", default_ais) if est.method == "ais" else est.method
+        return [Measurement("log_marginal", est.value, est.stderr, "nats", method=method, per_example=True)]
     return [Measurement("log_marginal", est.value, est.stderr, "nats", method=est.method, per_example=True,
                         replicates=replicates), *importance_weight_rows(est, k * replicates)]
+
+
+def _ais(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    settings = _ais_settings(params)
+    try:
+        est = estimators.ais(model, x, **settings)
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    method = method_text("ais", settings)
+    rows = [Measurement("log_marginal", est.value, est.stderr, "nats", method=method, per_example=True)]
+    units = {"acceptance": "probability", "ess": "samples", "log_weight_var": "nats^2"}
+    return rows + [Measurement(name, est.terms[name], None, unit, method=method)
+                   for name, unit in units.items() if name in est.terms]
+
+
+def _bdmc(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
+    """The sandwich on as many examples simulated from the model as x holds (x's values are not used)."""
+    settings = _ais_settings(params)
+    try:
+        result = estimators.bdmc(model, x.shape[0], **settings)
+    except MissingCapability as missing:
+        raise NotApplicable(str(missing)) from None
+    lower, upper = result.lower, result.upper
+    method = method_text("bdmc", settings)
+    both = lower.stderr is not None and upper.stderr is not None
+    gap_stderr = torch.hypot(lower.stderr, upper.stderr) if both else None
+    return [Measurement("bdmc_lower", lower.value, lower.stderr, "nats", method=method),
+            Measurement("bdmc_upper", upper.value, upper.stderr, "nats", method=method),
+            Measurement("bdmc_gap", result.gap, gap_stderr, "nats", method=method)]
 
 
 def _diffusion_elbo(model: LatentVariableModel, x: Tensor, k: int | None, params: dict) -> list[Measurement]:
@@ -170,7 +235,16 @@ ESTIMATORS: dict[str, EstimatorKind] = {
         "log p(x): exact where the model has it, else the IWAE-k estimate (method auto; replicated as iwae)",
         _log_marginal, "log_marginal", "k",
         {"k": Param("k-grid", 5000), "method": Param("str", "auto", ("auto", *estimators.LOG_MARGINAL_METHODS)),
-         "replicates": Param("replicates", DEFAULT_REPLICATES)}),
+         "replicates": Param("replicates", DEFAULT_REPLICATES)},
+        timed=lambda params: params["method"] != "ais"),
+    "ais": EstimatorKind(
+        "log p(x) by annealed importance sampling (a stochastic lower bound), with HMC acceptance, ESS and the "
+        "variance of the log weights; skipped for models without log_joint",
+        _ais, "log_marginal", None, AIS_PARAMS, check=_check_ais, timed=lambda params: False),
+    "bdmc": EstimatorKind(
+        "BDMC on as many examples simulated from the model as the cell evaluates: forward-AIS lower and "
+        "reverse-AIS upper bounds of log p(x) and their gap; skipped for models without sample_joint",
+        _bdmc, "bdmc_gap", None, AIS_PARAMS, check=_check_ais, timed=lambda params: False),
     "diffusion_elbo": EstimatorKind(
         "a diffusion model's ELBO from its loss (L_T in discrete time, L_inf in continuous time), `samples` "
         "stratified times per example; skipped for other models",
