@@ -23,7 +23,7 @@ import estimators
 from bench.plan.fits import prepare
 from bench.plan.suite import load_suite
 from bench.run.evaluators import DEFAULT_REPLICATES
-from bench.run.execute import _evaluation_examples, _train_or_build
+from bench.run.fit_task import _evaluation_examples, _train_or_build
 from bench.train import build_model
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from bench.check.rules import compare_bound, policy_of
 from bench.plan.fits import prepare
 from bench.plan.suite import load_suite
 from bench.run.evaluate import evaluate_cell
-from bench.run.execute import _evaluated_model, _evaluation_examples, _train_or_build
+from bench.run.fit_task import _evaluated_model, _evaluation_examples, _train_or_build
 from bench.run.rows import FitRows
 
 pytestmark = pytest.mark.slow
