@@ -303,6 +303,7 @@ def test_bdmc_gap_at_1000_steps_is_below_that_at_100():
     assert abs(lower.mean() - exact) < 3 * lower.mean_stderr()
 
 
+@pytest.mark.slow  # 4 s: the default tier keeps the oracle sandwiches above
 def test_bdmc_on_a_small_hvae_sandwiches_a_common_value():
     """No closed form here: the two bounds must meet (within SE) once AIS has converged, which they
     cannot if sample_joint's z were not an exact posterior draw of its x under log_joint."""

@@ -203,6 +203,7 @@ def _peak_growth_bytes(k: int, chunk: int) -> int:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # 4.5 s of subprocesses measuring peak memory
 def test_peak_memory_does_not_grow_with_k_at_a_fixed_chunk():
     # One chunk of 50 draws x 100 examples x 784 logits is ~16 MB per temporary;
     # unchunked K = 5000 would need ~1.6 GB per temporary. Peak RSS growth over the

@@ -82,6 +82,7 @@ def test_exact_posterior_elbo_with_closed_form_kl_is_unbiased():
     assert est.mean_stderr() < 0.05  # the check above is informative, not vacuous
 
 
+@pytest.mark.slow  # 4 s
 def test_wrong_encoder_bounds_are_ordered_and_converge():
     model = wrong_encoder_model()
     x = data_from(model, n=2048)
