@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .plan.keys import SuiteError
+from .plan.numbers import THREADS_MAX, integer_problem, seed_problem, threads_problem
 from .plan.suite import available_suites
 from .run.evaluators import estimator_descriptions
 from .run.executors import EXECUTORS
@@ -76,6 +77,22 @@ def _list(args: argparse.Namespace) -> int:
 
 # --- run --------------------------------------------------------------------------------------------
 
+def _checked_integer(problem_of):
+    """An argparse type: an integer judged by the same rule as the suites' (bench.plan.numbers)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        problem = problem_of(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -92,14 +109,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_csv, help="comma-separated model names or labels of the suite to keep")
     parser.add_argument("--datasets", type=_csv, help="comma-separated datasets of the suite to keep")
     parser.add_argument("--estimators", type=_csv, help="comma-separated estimators of the suite to keep")
-    parser.add_argument("--seed", type=int, help="run this one seed instead of the suite's seeds")
-    parser.add_argument("--threads", type=int, help="torch threads of each fit, for training and evaluation "
+    parser.add_argument("--seed", type=_checked_integer(seed_problem), help="run this one seed instead of the suite's seeds")
+    parser.add_argument("--threads", type=_checked_integer(threads_problem), help="torch threads of each fit, for training and evaluation "
                                                      "(overrides the suite's `threads`); default 1")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda; default auto")
     parser.add_argument("--executor", default="auto", choices=["auto", *EXECUTOR_NAMES],
                         help="where fits run: serial (this process), process (worker processes), ray (Ray tasks); "
                              "default auto: process when several fits can run at once on the cores, else serial")
-    parser.add_argument("--workers", type=int, help="fits at once (process: worker processes; ray: tasks in flight); "
+    parser.add_argument("--workers", type=_checked_integer(lambda n: integer_problem(n, 1, THREADS_MAX)), help="fits at once (process: worker processes; ray: tasks in flight); "
                                                      "default: as many as the cores hold at --threads each")
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: join this cluster (e.g. auto, or host:6379 after `ray start "
@@ -156,6 +173,34 @@ def _check_executor_flags(args: argparse.Namespace) -> None:
     check_available(args.executor)
 
 
+PATH_FLAGS = ("out", "resume", "data_dir", "cache_dir", "suite")
+
+
+def check_utf8_path(path: Path | str, what: str) -> None:
+    """Paths go into JSON, logs and reports as text: a name that is not valid UTF-8 is refused up front."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what}: the path {str(path).encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; "
+                         "choose a name in UTF-8") from None
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for flag in PATH_FLAGS:
+        if getattr(args, flag) is not None:
+            check_utf8_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
+
+
+def _check_settings(device) -> None:
+    """Environment settings are judged once, at the start, not by every cell that reads them."""
+    from estimators.chunking import memory_budget_bytes
+
+    try:
+        memory_budget_bytes(device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _suite_record(suite) -> dict:
     return {"name": suite.name, "description": suite.description, "source": suite.source, "contents": suite.contents}
 
@@ -166,7 +211,9 @@ def _prepare_run(args: argparse.Namespace):
     from .plan.suite import load_suite, parse_suite, select
     from .store import check_new_run_dir, load_manifest
 
+    _check_paths(args)
     device = _resolve_device(args.device)
+    _check_settings(device)
     _check_executor_flags(args)
     if args.resume is not None:
         given = [f"--{flag}" for flag in SELECTION_FLAGS if getattr(args, flag) is not None] + (
@@ -187,8 +234,6 @@ def _prepare_run(args: argparse.Namespace):
                          "--models/--datasets/--estimators")
     _check_filter_names(args)
     suite = load_suite(args.suite or "default")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be an integer >= 1, got {args.threads}")
     selection = {"models": args.models, "datasets": args.datasets, "estimators": args.estimators, "seed": args.seed,
                  "threads": args.threads}
     suite = select(suite, **selection)
