@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .paths import utf8_problem
 from .plan.keys import SuiteError
 from .plan.numbers import THREADS_MAX, integer_problem, seed_problem, threads_problem
 from .plan.suite import available_suites
@@ -109,15 +110,18 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_csv, help="comma-separated model names or labels of the suite to keep")
     parser.add_argument("--datasets", type=_csv, help="comma-separated datasets of the suite to keep")
     parser.add_argument("--estimators", type=_csv, help="comma-separated estimators of the suite to keep")
-    parser.add_argument("--seed", type=_checked_integer(seed_problem), help="run this one seed instead of the suite's seeds")
-    parser.add_argument("--threads", type=_checked_integer(threads_problem), help="torch threads of each fit, for training and evaluation "
+    seed, threads = _checked_integer(seed_problem), _checked_integer(threads_problem)
+    workers = _checked_integer(lambda n: integer_problem(n, 1, THREADS_MAX))
+    parser.add_argument("--seed", type=seed, help="run this one seed instead of the suite's seeds")
+    parser.add_argument("--threads", type=threads, help="torch threads of each fit, for training and evaluation "
                                                      "(overrides the suite's `threads`); default 1")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda; default auto")
     parser.add_argument("--executor", default="auto", choices=["auto", *EXECUTOR_NAMES],
                         help="where fits run: serial (this process), process (worker processes), ray (Ray tasks); "
                              "default auto: process when several fits can run at once on the cores, else serial")
-    parser.add_argument("--workers", type=_checked_integer(lambda n: integer_problem(n, 1, THREADS_MAX)), help="fits at once (process: worker processes; ray: tasks in flight); "
-                                                     "default: as many as the cores hold at --threads each")
+    parser.add_argument("--workers", type=workers,
+                        help="fits at once (process: worker processes; ray: tasks in flight); "
+                             "default: as many as the cores hold at --threads each")
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: join this cluster (e.g. auto, or host:6379 after `ray start "
                              "--head`); default a local instance sized to this machine")
@@ -176,19 +180,12 @@ def _check_executor_flags(args: argparse.Namespace) -> None:
 PATH_FLAGS = ("out", "resume", "data_dir", "cache_dir", "suite")
 
 
-def check_utf8_path(path: Path | str, what: str) -> None:
-    """Paths go into JSON, logs and reports as text: a name that is not valid UTF-8 is refused up front."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{what}: the path {str(path).encode('utf-8', 'surrogateescape')!r} is not valid UTF-8; "
-                         "choose a name in UTF-8") from None
-
-
 def _check_paths(args: argparse.Namespace) -> None:
     for flag in PATH_FLAGS:
         if getattr(args, flag) is not None:
-            check_utf8_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
+            problem = utf8_problem(getattr(args, flag))
+            if problem is not None:
+                raise UsageError(f"--{flag.replace('_', '-')}: {problem}")
 
 
 def _check_settings(device) -> None:

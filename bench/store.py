@@ -19,6 +19,7 @@ is taken over by the next run without any clean-up.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,12 +29,14 @@ from reports.schema import (
     MANIFEST_FILE,
     RESULTS_FILE,
     SCHEMA_VERSION,
+    STATUSES,
     JsonlAppender,
     ResultRow,
     ResultsFileError,
     read_jsonl,
     read_manifest,
     rewrite_jsonl,
+    row_problem,
     write_manifest,
 )
 
@@ -64,12 +67,49 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise RunDirectoryError(f"output directory {run_dir} is not empty and holds no run; choose another --out")
 
 
+def cell_problem(record: dict) -> str | None:
+    """What makes a cells.jsonl record unreadable, or None."""
+    if not isinstance(record.get("cell_id"), str):
+        return f"cell_id holds {json.dumps(record.get('cell_id'))[:60]}, expected a string"
+    if record.get("status") not in STATUSES:
+        return f"status holds {json.dumps(record.get('status'))[:60]}, expected one of {', '.join(STATUSES)}"
+    return None
+
+
+# What --resume reads from a manifest: key -> (JSON types, what it must be).
+MANIFEST_TYPES = {"run_id": ((str,), "a string"), "suite": ((dict,), "an object"),
+                  "options": ((dict,), "an object")}
+SUITE_RECORD_TYPES = {"name": ((str,), "a string"), "source": ((str,), "a string"),
+                      "contents": ((dict,), "an object")}
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """The key of a manifest that --resume cannot use, and why; None when it can."""
+    for where, table, types in (("", manifest, MANIFEST_TYPES), ("suite.", manifest.get("suite"), SUITE_RECORD_TYPES)):
+        for key, (allowed, expected) in types.items():
+            if key == "options" and key not in table:
+                continue
+            if not isinstance(table.get(key), allowed):
+                return f"key {where}{key} holds {json.dumps(table.get(key), default=str)[:60]}, expected {expected}"
+    options = manifest.get("options", {})
+    for key, expected in (("selection", dict), ("data_dir", str), ("threads", int)):
+        value = options.get(key)
+        if value is not None and not isinstance(value, expected):
+            return f"key options.{key} holds {json.dumps(value, default=str)[:60]}, expected {expected.__name__}"
+    return None
+
+
 def load_manifest(run_dir: Path) -> dict:
-    """The manifest of an existing run (RunDirectoryError if ``run_dir`` is not a run)."""
+    """The manifest of an existing run (RunDirectoryError if ``run_dir`` is not a run, or its manifest is
+    malformed)."""
     try:
-        return read_manifest(run_dir, required=True)
+        manifest = read_manifest(run_dir, required=True)
     except ResultsFileError as exc:
         raise RunDirectoryError(f"{exc}; --resume takes a directory written by `python -m bench run`") from None
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise RunDirectoryError(f"{Path(run_dir) / MANIFEST_FILE}: {problem}; the manifest is damaged")
+    return manifest
 
 
 class RunLock:
@@ -143,8 +183,8 @@ class ResultsStore:
     def _reopen(cls, run_dir: Path, lock: RunLock) -> ResultsStore:
         manifest = load_manifest(run_dir)
         try:
-            cells, cells_torn = read_jsonl(run_dir / CELLS_FILE)
-            rows, rows_torn = read_jsonl(run_dir / RESULTS_FILE)
+            cells, cells_torn = read_jsonl(run_dir / CELLS_FILE, check=cell_problem)
+            rows, rows_torn = read_jsonl(run_dir / RESULTS_FILE, check=row_problem)
         except ResultsFileError as exc:
             raise RunDirectoryError(str(exc)) from None
         versions = sorted({r.get("schema_version", 1) for r in rows} - {SCHEMA_VERSION})

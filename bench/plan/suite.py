@@ -128,6 +128,9 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"suite {path.name}: malformed TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"suite {path.name}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "TOML files are UTF-8") from None
     except OSError as exc:
         raise SuiteError(f"suite {path}: cannot read: {exc.strerror}") from None
 
