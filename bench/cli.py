@@ -206,7 +206,7 @@ def _prepare_run(args: argparse.Namespace):
     """Everything is validated here; nothing is written. Returns (plan, run_dir, manifest or None, options)."""
     from .plan.fits import prepare
     from .plan.suite import load_suite, parse_suite, select
-    from .store import check_new_run_dir, load_manifest
+    from .store import check_new_run_dir, load_resumable_manifest
 
     _check_paths(args)
     device = _resolve_device(args.device)
@@ -217,7 +217,7 @@ def _prepare_run(args: argparse.Namespace):
             ["--out"] if args.out is not None else [])
         if given:
             raise UsageError(f"--resume takes the suite and filters from the run's manifest; drop {', '.join(given)}")
-        manifest = load_manifest(args.resume)
+        manifest = load_resumable_manifest(args.resume)
         options = manifest.get("options", {})
         record = manifest["suite"]
         suite = parse_suite(record["contents"], source=record["source"], default_name=record["name"],
@@ -253,7 +253,6 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import provenance
-    from .run.execute import execute, pending_tasks
     from .store import ResultsStore, RunDirectoryError
 
     try:
@@ -262,6 +261,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"bench run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     cache_dir = args.cache_dir or _default_cache_dir()
+    settings = None  # a resume sizes its executor to the cells left, once the store is open
     try:
         if args.resume is not None:
             store = ResultsStore.resume(run_dir)
@@ -275,29 +275,46 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     except RunDirectoryError as exc:
         print(f"bench run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with store:
-        if args.resume is not None:
-            n_fits = len(pending_tasks(plan, store, device=device, cache_dir=None, progress=False))
-            threads = store.manifest.get("options", {}).get("threads") or plan.suite.threads
-            settings = _executor_settings(args, plan, n_fits, device, threads)
-            log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
-                     plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
-            store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()], finished=None)
-        else:
-            log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
-        log.info("executor %s: %s workers x %d threads", settings.name, settings.workers or "Ray's", settings.threads)
-        try:
-            summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet,
-                              settings=settings)
-        except KeyboardInterrupt:
-            print(f"bench run: interrupted; finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        store.update_manifest(finished=provenance.now(), threads=settings.threads,
-                              executor=_executor_record(settings), summary={
-                "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
+    try:
+        with store:
+            outcome = _execute(args, plan, store, run_dir, device, cache_dir, settings)
+    except OSError as exc:  # a full disk or lost permission mid-run: the finished cells are on disk
+        print(f"bench run: error: cannot write to {run_dir} ({exc.strerror or exc}); the finished cells are kept: "
+              f"make room or fix it, then finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
+    if isinstance(outcome, int):
+        return outcome
+    summary = outcome
     if not args.no_report:
         _build_report(run_dir)
     return _print_summary(run_dir, plan, summary, quiet=args.quiet)
+
+
+def _execute(args: argparse.Namespace, plan, store, run_dir: Path, device, cache_dir: Path, settings):
+    """Run the pending cells into an open store; the summary, or the exit status when interrupted."""
+    from . import provenance
+    from .run.execute import execute, pending_tasks
+
+    if settings is None:
+        n_fits = len(pending_tasks(plan, store, device=device, cache_dir=None, progress=False))
+        threads = store.manifest.get("options", {}).get("threads") or plan.suite.threads
+        settings = _executor_settings(args, plan, n_fits, device, threads)
+        log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
+                 plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
+        store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()], finished=None)
+    else:
+        log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
+    log.info("executor %s: %s workers x %d threads", settings.name, settings.workers or "Ray's", settings.threads)
+    try:
+        summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet,
+                          settings=settings)
+    except KeyboardInterrupt:
+        print(f"bench run: interrupted; finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    store.update_manifest(finished=provenance.now(), threads=settings.threads,
+                          executor=_executor_record(settings), summary={
+            "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
+    return summary
 
 
 def _executor_settings(args: argparse.Namespace, plan, n_fits: int, device, threads: int | None):

@@ -206,14 +206,12 @@ ROW_TYPES = {
     "replicates": _INT, "unit": _TEXT, "n_examples": _INT, "device": _TEXT, "wall_s": _NUMBER,
     "timing_s": _LIST, "per_example": _LIST, "status": _TEXT, "error": _TEXT, "schema_version": _INT,
 }
-NULLABLE = {"structure", "k", "method", "value", "stderr", "mc_stderr", "replicates", "unit", "n_examples", "wall_s",
-            "timing_s", "per_example", "error"}
-
-
 def row_problem(record: dict) -> str | None:
-    """What makes a results record unreadable as a row (a column of the wrong JSON type), or None."""
+    """What makes a results record unreadable as a row (a column of the wrong JSON type), or None.
+
+    Null passes everywhere: which columns a row must fill is its reader's rule (upgrade_record, the check)."""
     for name, types in ROW_TYPES.items():
-        if name not in record or (record[name] is None and name in NULLABLE):
+        if record.get(name) is None:
             continue
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, types):
@@ -221,7 +219,7 @@ def row_problem(record: dict) -> str | None:
         if name in ("timing_s", "per_example") and not all(
                 v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value):
             return f"column {name} holds a value that is not a number"
-    if "status" in record and record["status"] not in STATUSES:
+    if record.get("status") is not None and record["status"] not in STATUSES:
         return f"column status holds {record['status']!r}, expected one of {', '.join(STATUSES)}"
     return None
 
