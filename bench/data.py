@@ -329,8 +329,11 @@ def _read_packed(path: Path) -> dict[str, np.ndarray]:
     except DataIntegrityError:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
-        raise DataIntegrityError(f"{path} is not a readable data archive ({type(error).__name__}: "
-                                 f"{_first_line(error)}); delete it and download it again") from None
+        # numpy's refusal of pickled data advises loading it unsafely: not advice to pass on for a data file
+        problem = ("it holds pickled Python objects, which are refused (loading them could run code)"
+                   if "pickle" in str(error) else f"{type(error).__name__}: {_first_line(error)}")
+        raise DataIntegrityError(f"{path} is not a readable data archive ({problem}); delete it and download it "
+                                 "again") from None
     for split, array in arrays.items():
         if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != MNIST_PACKED_WIDTH:
             raise DataIntegrityError(f"{path}: split {split} is {array.dtype} {list(array.shape)}, expected uint8 "

@@ -77,6 +77,6 @@ def too_large(estimate: int, limit: int) -> str | None:
     """The refusal of an estimate beyond the limit, naming both and the setting that raises it; None if it fits."""
     if estimate <= limit:
         return None
-    source = f"set by {LIMIT_ENV}" if os.environ.get(LIMIT_ENV) else "this machine's memory"
-    return (f"needs about {describe_bytes(estimate)} of memory, beyond the limit of {describe_bytes(limit)} "
-            f"({source}; set {LIMIT_ENV} to raise it)")
+    source = (f"{LIMIT_ENV}; raise it to allow more" if os.environ.get(LIMIT_ENV)
+              else f"this machine's memory; set {LIMIT_ENV} to raise it")
+    return f"needs about {describe_bytes(estimate)} of memory, beyond the limit of {describe_bytes(limit)} ({source})"
