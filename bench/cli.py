@@ -412,7 +412,10 @@ def _configure_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a refused argument (its one line is printed) or --help: the status, returned
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     _configure_logging(getattr(args, "quiet", False))
     try:
         return args.handler(args, argv)

@@ -206,14 +206,6 @@ CASES = [
 ]
 
 
-def _main(arguments: list[str]) -> int:
-    """bench.cli.main as the process would end: argparse's refusals exit through SystemExit."""
-    try:
-        return main(arguments)
-    except SystemExit as exit_:
-        return exit_.code
-
-
 def _assert_one_line(code: int, expected: int, stderr: str, tmp: Path) -> None:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == expected, stderr
@@ -229,7 +221,7 @@ def test_hostile_input_gives_one_line(name, argv, env, expected, tmp_path, monke
         monkeypatch.setenv(key, value)
     arguments = argv(tmp_path)
     capsys.readouterr()
-    code = _main(arguments)
+    code = main(arguments)
     stderr = capsys.readouterr().err
     _assert_one_line(code, expected, stderr, tmp_path)
     assert "allow_pickle" not in stderr and "weights_only" not in stderr  # no advice to load unsafely
@@ -266,7 +258,7 @@ def test_a_write_error_mid_run_ends_in_one_line_naming_resume(tmp_path, monkeypa
         real_append(self, row)
 
     monkeypatch.setattr(ResultsStore, "append_row", append_until_full)
-    code = _main(_run(tmp_path, "--executor", "serial"))
+    code = main(_run(tmp_path, "--executor", "serial"))
     stderr = capsys.readouterr().err
     _assert_one_line(code, 1, stderr, tmp_path)
     assert "No space left on device" in stderr and f"--resume {tmp_path / 'out'}" in stderr
