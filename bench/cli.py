@@ -16,7 +16,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from .paths import utf8_problem
 from .plan.keys import SuiteError
+from .plan.numbers import THREADS_MAX, integer_problem, seed_problem, threads_problem
 from .plan.suite import available_suites
 from .run.evaluators import estimator_descriptions
 from .run.executors import EXECUTORS
@@ -76,6 +78,22 @@ def _list(args: argparse.Namespace) -> int:
 
 # --- run --------------------------------------------------------------------------------------------
 
+def _checked_integer(problem_of):
+    """An argparse type: an integer judged by the same rule as the suites' (bench.plan.numbers)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        problem = problem_of(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -92,15 +110,18 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_csv, help="comma-separated model names or labels of the suite to keep")
     parser.add_argument("--datasets", type=_csv, help="comma-separated datasets of the suite to keep")
     parser.add_argument("--estimators", type=_csv, help="comma-separated estimators of the suite to keep")
-    parser.add_argument("--seed", type=int, help="run this one seed instead of the suite's seeds")
-    parser.add_argument("--threads", type=int, help="torch threads of each fit, for training and evaluation "
+    seed, threads = _checked_integer(seed_problem), _checked_integer(threads_problem)
+    workers = _checked_integer(lambda n: integer_problem(n, 1, THREADS_MAX))
+    parser.add_argument("--seed", type=seed, help="run this one seed instead of the suite's seeds")
+    parser.add_argument("--threads", type=threads, help="torch threads of each fit, for training and evaluation "
                                                      "(overrides the suite's `threads`); default 1")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda; default auto")
     parser.add_argument("--executor", default="auto", choices=["auto", *EXECUTOR_NAMES],
                         help="where fits run: serial (this process), process (worker processes), ray (Ray tasks); "
                              "default auto: process when several fits can run at once on the cores, else serial")
-    parser.add_argument("--workers", type=int, help="fits at once (process: worker processes; ray: tasks in flight); "
-                                                     "default: as many as the cores hold at --threads each")
+    parser.add_argument("--workers", type=workers,
+                        help="fits at once (process: worker processes; ray: tasks in flight); "
+                             "default: as many as the cores hold at --threads each")
     parser.add_argument("--ray-address", metavar="ADDRESS",
                         help="with --executor ray: join this cluster (e.g. auto, or host:6379 after `ray start "
                              "--head`); default a local instance sized to this machine")
@@ -156,6 +177,27 @@ def _check_executor_flags(args: argparse.Namespace) -> None:
     check_available(args.executor)
 
 
+PATH_FLAGS = ("out", "resume", "data_dir", "cache_dir", "suite")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    for flag in PATH_FLAGS:
+        if getattr(args, flag) is not None:
+            problem = utf8_problem(getattr(args, flag))
+            if problem is not None:
+                raise UsageError(f"--{flag.replace('_', '-')}: {problem}")
+
+
+def _check_settings(device) -> None:
+    """Environment settings are judged once, at the start, not by every cell that reads them."""
+    from estimators.chunking import memory_budget_bytes
+
+    try:
+        memory_budget_bytes(device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _suite_record(suite) -> dict:
     return {"name": suite.name, "description": suite.description, "source": suite.source, "contents": suite.contents}
 
@@ -164,16 +206,18 @@ def _prepare_run(args: argparse.Namespace):
     """Everything is validated here; nothing is written. Returns (plan, run_dir, manifest or None, options)."""
     from .plan.fits import prepare
     from .plan.suite import load_suite, parse_suite, select
-    from .store import check_new_run_dir, load_manifest
+    from .store import check_new_run_dir, load_resumable_manifest
 
+    _check_paths(args)
     device = _resolve_device(args.device)
+    _check_settings(device)
     _check_executor_flags(args)
     if args.resume is not None:
         given = [f"--{flag}" for flag in SELECTION_FLAGS if getattr(args, flag) is not None] + (
             ["--out"] if args.out is not None else [])
         if given:
             raise UsageError(f"--resume takes the suite and filters from the run's manifest; drop {', '.join(given)}")
-        manifest = load_manifest(args.resume)
+        manifest = load_resumable_manifest(args.resume)
         options = manifest.get("options", {})
         record = manifest["suite"]
         suite = parse_suite(record["contents"], source=record["source"], default_name=record["name"],
@@ -187,8 +231,6 @@ def _prepare_run(args: argparse.Namespace):
                          "--models/--datasets/--estimators")
     _check_filter_names(args)
     suite = load_suite(args.suite or "default")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be an integer >= 1, got {args.threads}")
     selection = {"models": args.models, "datasets": args.datasets, "estimators": args.estimators, "seed": args.seed,
                  "threads": args.threads}
     suite = select(suite, **selection)
@@ -211,7 +253,6 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import provenance
-    from .run.execute import execute, pending_tasks
     from .store import ResultsStore, RunDirectoryError
 
     try:
@@ -220,6 +261,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"bench run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     cache_dir = args.cache_dir or _default_cache_dir()
+    settings = None  # a resume sizes its executor to the cells left, once the store is open
     try:
         if args.resume is not None:
             store = ResultsStore.resume(run_dir)
@@ -233,29 +275,46 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     except RunDirectoryError as exc:
         print(f"bench run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with store:
-        if args.resume is not None:
-            n_fits = len(pending_tasks(plan, store, device=device, cache_dir=None, progress=False))
-            threads = store.manifest.get("options", {}).get("threads") or plan.suite.threads
-            settings = _executor_settings(args, plan, n_fits, device, threads)
-            log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
-                     plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
-            store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()], finished=None)
-        else:
-            log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
-        log.info("executor %s: %s workers x %d threads", settings.name, settings.workers or "Ray's", settings.threads)
-        try:
-            summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet,
-                              settings=settings)
-        except KeyboardInterrupt:
-            print(f"bench run: interrupted; finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        store.update_manifest(finished=provenance.now(), threads=settings.threads,
-                              executor=_executor_record(settings), summary={
-                "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
+    try:
+        with store:
+            outcome = _execute(args, plan, store, run_dir, device, cache_dir, settings)
+    except OSError as exc:  # a full disk or lost permission mid-run: the finished cells are on disk
+        print(f"bench run: error: cannot write to {run_dir} ({exc.strerror or exc}); the finished cells are kept: "
+              f"make room or fix it, then finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
+    if isinstance(outcome, int):
+        return outcome
+    summary = outcome
     if not args.no_report:
         _build_report(run_dir)
     return _print_summary(run_dir, plan, summary, quiet=args.quiet)
+
+
+def _execute(args: argparse.Namespace, plan, store, run_dir: Path, device, cache_dir: Path, settings):
+    """Run the pending cells into an open store; the summary, or the exit status when interrupted."""
+    from . import provenance
+    from .run.execute import execute, pending_tasks
+
+    if settings is None:
+        n_fits = len(pending_tasks(plan, store, device=device, cache_dir=None, progress=False))
+        threads = store.manifest.get("options", {}).get("threads") or plan.suite.threads
+        settings = _executor_settings(args, plan, n_fits, device, threads)
+        log.info("resuming %s: %d cells finished, %d to go", run_dir, len(store.finished),
+                 plan.n_cells - sum(c.cell_id in store.finished for f in plan.fits for c in f.cells))
+        store.update_manifest(resumed=[*store.manifest.get("resumed", []), provenance.now()], finished=None)
+    else:
+        log.info("run %s: %d cells (%d model fits)", run_dir, plan.n_cells, len(plan.fits))
+    log.info("executor %s: %s workers x %d threads", settings.name, settings.workers or "Ray's", settings.threads)
+    try:
+        summary = execute(plan, store, device=device, cache_dir=cache_dir, progress=not args.quiet,
+                          settings=settings)
+    except KeyboardInterrupt:
+        print(f"bench run: interrupted; finish the run with: {_resume_command(args, run_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    store.update_manifest(finished=provenance.now(), threads=settings.threads,
+                          executor=_executor_record(settings), summary={
+            "cells": plan.n_cells, "ok": summary.ok, "skipped": summary.skipped, "failed": len(summary.failed)})
+    return summary
 
 
 def _executor_settings(args: argparse.Namespace, plan, n_fits: int, device, threads: int | None):
@@ -353,7 +412,10 @@ def _configure_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a refused argument (its one line is printed) or --help: the status, returned
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     _configure_logging(getattr(args, "quiet", False))
     try:
         return args.handler(args, argv)

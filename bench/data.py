@@ -22,6 +22,8 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,13 +311,43 @@ def _not_found(candidates: list[Path], reason: Exception) -> DataNotFoundError:
         f"({reason}); put {MNIST_FILE} in a folder and set {DATA_ENV}=that folder (or pass --data-dir)")
 
 
+MNIST_PACKED_WIDTH = (MNIST_PIXELS + 7) // 8  # bytes of one image packed a bit a pixel
+
+
+def _read_packed(path: Path) -> dict[str, np.ndarray]:
+    """The packed splits of an .npz archive, or DataIntegrityError naming the file and the problem.
+
+    Any damage (a bad zip member or CRC, a truncated file, arrays holding Python objects, which
+    allow_pickle=False refuses, or of another dtype or shape) is one error, before the digests are checked."""
+    try:
+        with np.load(path, allow_pickle=False) as packed:
+            missing = [s for s in SPLITS if s not in packed.files]
+            if missing:
+                raise DataIntegrityError(f"{path} lacks the split(s) {', '.join(missing)}; "
+                                         f"expected keys {', '.join(SPLITS)}")
+            arrays = {s: packed[s] for s in SPLITS}
+    except DataIntegrityError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        # numpy's refusal of pickled data advises loading it unsafely: not advice to pass on for a data file
+        problem = ("it holds pickled Python objects, which are refused (loading them could run code)"
+                   if "pickle" in str(error) else f"{type(error).__name__}: {_first_line(error)}")
+        raise DataIntegrityError(f"{path} is not a readable data archive ({problem}); delete it and download it "
+                                 "again") from None
+    for split, array in arrays.items():
+        if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != MNIST_PACKED_WIDTH:
+            raise DataIntegrityError(f"{path}: split {split} is {array.dtype} {list(array.shape)}, expected uint8 "
+                                     f"[N, {MNIST_PACKED_WIDTH}] (bit-packed images); delete it and download it again")
+    return arrays
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no detail"
+
+
 def _read_mnist(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as packed:
-        missing = [s for s in SPLITS if s not in packed.files]
-        if missing:
-            raise DataIntegrityError(f"{path} lacks the split(s) {', '.join(missing)}; "
-                                     f"expected keys {', '.join(SPLITS)}")
-        arrays = {s: np.unpackbits(packed[s], axis=1)[:, :MNIST_PIXELS] for s in SPLITS}
+    arrays = {s: np.unpackbits(a, axis=1)[:, :MNIST_PIXELS] for s, a in _read_packed(path).items()}
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _verified_files:

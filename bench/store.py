@@ -19,6 +19,7 @@ is taken over by the next run without any clean-up.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,12 +29,14 @@ from reports.schema import (
     MANIFEST_FILE,
     RESULTS_FILE,
     SCHEMA_VERSION,
+    STATUSES,
     JsonlAppender,
     ResultRow,
     ResultsFileError,
     read_jsonl,
     read_manifest,
     rewrite_jsonl,
+    row_problem,
     write_manifest,
 )
 
@@ -64,12 +67,81 @@ def check_new_run_dir(run_dir: Path) -> None:
         raise RunDirectoryError(f"output directory {run_dir} is not empty and holds no run; choose another --out")
 
 
+def cell_problem(record: dict) -> str | None:
+    """What makes a cells.jsonl record unreadable, or None."""
+    if not isinstance(record.get("cell_id"), str):
+        return f"cell_id holds {json.dumps(record.get('cell_id'))[:60]}, expected a string"
+    if record.get("status") not in STATUSES:
+        return f"status holds {json.dumps(record.get('status'))[:60]}, expected one of {', '.join(STATUSES)}"
+    return None
+
+
+# What --resume reads from a manifest: key -> (JSON types, what it must be).
+MANIFEST_TYPES = {"run_id": ((str,), "a string"), "suite": ((dict,), "an object"),
+                  "options": ((dict,), "an object")}
+SUITE_RECORD_TYPES = {"name": ((str,), "a string"), "source": ((str,), "a string"),
+                      "contents": ((dict,), "an object")}
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """The key of a manifest that --resume cannot use, and why; None when it can."""
+    for where, table, types in (("", manifest, MANIFEST_TYPES), ("suite.", manifest.get("suite"), SUITE_RECORD_TYPES)):
+        for key, (allowed, expected) in types.items():
+            if key == "options" and key not in table:
+                continue
+            if not isinstance(table.get(key), allowed):
+                return f"key {where}{key} holds {json.dumps(table.get(key), default=str)[:60]}, expected {expected}"
+    options = manifest.get("options", {})
+    selection = options.get("selection") or {}
+    for key, value in selection.items() if isinstance(selection, dict) else ():
+        names = key in ("models", "datasets", "estimators") and isinstance(value, list) and all(
+            isinstance(v, str) for v in value)
+        number = key in ("seed", "threads") and isinstance(value, int) and not isinstance(value, bool)
+        if not (value is None or names or number):
+            return f"key options.selection.{key} holds {json.dumps(value, default=str)[:60]}, not a filter"
+    for key, expected in (("selection", dict), ("data_dir", str), ("threads", int)):
+        value = options.get(key)
+        if value is not None and not isinstance(value, expected):
+            return f"key options.{key} holds {json.dumps(value, default=str)[:60]}, expected {expected.__name__}"
+    return None
+
+
 def load_manifest(run_dir: Path) -> dict:
     """The manifest of an existing run (RunDirectoryError if ``run_dir`` is not a run)."""
     try:
         return read_manifest(run_dir, required=True)
     except ResultsFileError as exc:
         raise RunDirectoryError(f"{exc}; --resume takes a directory written by `python -m bench run`") from None
+
+
+def load_resumable_manifest(run_dir: Path) -> dict:
+    """The manifest of a run to resume: also RunDirectoryError when a key --resume reads is malformed."""
+    manifest = load_manifest(run_dir)
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise RunDirectoryError(f"{Path(run_dir) / MANIFEST_FILE}: {problem}; the manifest is damaged")
+    return manifest
+
+
+def _missing_parents(run_dir: Path) -> list[Path]:
+    """The directories, deepest first, that creating ``run_dir`` would make."""
+    made = []
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            break
+        made.append(path)
+    return made
+
+
+def _remove_made(made: list[Path], *files: Path) -> None:
+    """Undo a run directory that could not be started: its files, then the directories made for it."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 class RunLock:
@@ -91,8 +163,12 @@ class RunLock:
             os.close(fd)
             raise RunDirectoryError(f"run directory {run_dir} is in use by process {holder} (another run or "
                                     f"resume of it); wait for that one to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            os.close(fd)
+            raise
         lock._fd = fd
         return lock
 
@@ -115,14 +191,25 @@ class ResultsStore:
 
     @classmethod
     def create(cls, run_dir: Path, manifest: dict) -> ResultsStore:
+        """A new run directory with its manifest; RunDirectoryError, leaving no directory, when it cannot be
+        written (read-only location, no permission, full disk)."""
         run_dir = Path(run_dir)
         check_new_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock.acquire(run_dir)
+        made = _missing_parents(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock.acquire(run_dir)
+        except OSError as exc:
+            _remove_made(made)
+            raise RunDirectoryError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
         try:
             check_new_run_dir(run_dir)  # again under the lock: another run may have started since
             write_manifest(run_dir, manifest)
             return cls(run_dir, manifest, {}, lock)
+        except OSError as exc:
+            lock.release()
+            _remove_made(made, run_dir / LOCK_FILE)
+            raise RunDirectoryError(f"cannot write to run directory {run_dir}: {exc.strerror or exc}") from None
         except BaseException:
             lock.release()
             raise
@@ -132,9 +219,16 @@ class ResultsStore:
         """Reopen a run: keep the rows of cells that finished ok; drop the rest and any torn line."""
         run_dir = Path(run_dir)
         load_manifest(run_dir)  # a run directory, before a lock file is made in it
-        lock = RunLock.acquire(run_dir)
+        try:
+            lock = RunLock.acquire(run_dir)
+        except OSError as exc:
+            raise RunDirectoryError(f"cannot lock run directory {run_dir}: {exc.strerror or exc}") from None
         try:
             return cls._reopen(run_dir, lock)
+        except OSError as exc:
+            lock.release()
+            raise RunDirectoryError(f"cannot rewrite the files of run directory {run_dir}: "
+                                    f"{exc.strerror or exc}") from None
         except BaseException:
             lock.release()
             raise
@@ -143,8 +237,8 @@ class ResultsStore:
     def _reopen(cls, run_dir: Path, lock: RunLock) -> ResultsStore:
         manifest = load_manifest(run_dir)
         try:
-            cells, cells_torn = read_jsonl(run_dir / CELLS_FILE)
-            rows, rows_torn = read_jsonl(run_dir / RESULTS_FILE)
+            cells, cells_torn = read_jsonl(run_dir / CELLS_FILE, check=cell_problem)
+            rows, rows_torn = read_jsonl(run_dir / RESULTS_FILE, check=row_problem)
         except ResultsFileError as exc:
             raise RunDirectoryError(str(exc)) from None
         versions = sorted({r.get("schema_version", 1) for r in rows} - {SCHEMA_VERSION})
@@ -176,9 +270,14 @@ class ResultsStore:
         write_manifest(self.run_dir, self.manifest)
 
     def close(self) -> None:
-        self._results.close()
-        self._cells.close()
-        self._lock.release()
+        """Close both files and release the lock, even when a file cannot flush (a full disk)."""
+        try:
+            self._results.close()
+        finally:
+            try:
+                self._cells.close()
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> Self:
         return self

@@ -43,8 +43,8 @@ def memory_budget_bytes(device: torch.device) -> int:
             megabytes = float(override)
         except ValueError:
             raise ValueError(f"{BUDGET_ENV} must be a number of megabytes, got {override!r}") from None
-        if megabytes <= 0:
-            raise ValueError(f"{BUDGET_ENV} must be positive, got {override!r}")
+        if not math.isfinite(megabytes) or megabytes <= 0:
+            raise ValueError(f"{BUDGET_ENV} must be a finite number of megabytes > 0, got {override!r}")
         return int(megabytes * 2**20)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)

@@ -143,10 +143,11 @@ def upgrade_record(record: dict) -> dict:
 
 # --- JSON Lines -------------------------------------------------------------------------------------
 
-def read_jsonl(path: Path) -> tuple[list[dict], bool]:
+def read_jsonl(path: Path, check: Callable[[dict], str | None] | None = None) -> tuple[list[dict], bool]:
     """The complete records of ``path`` and whether a torn last line was left out (see the module docstring).
 
-    A missing file reads as no records.
+    ``check(record)`` says what is wrong with a record of the right JSON but the wrong shape (None: nothing);
+    it becomes a ResultsFileError naming the line. A missing file reads as no records.
     """
     path = Path(path)
     if not path.exists():
@@ -166,6 +167,9 @@ def read_jsonl(path: Path) -> tuple[list[dict], bool]:
                                    "torn last line") from None
         if not isinstance(record, dict):
             raise ResultsFileError(f"{path}: line {number} is not a JSON object")
+        problem = None if check is None else check(record)
+        if problem is not None:
+            raise ResultsFileError(f"{path}: line {number}: {problem}")
         records.append(record)
     return records, torn
 
@@ -193,9 +197,41 @@ class JsonlAppender:
         self._file.close()
 
 
+# The JSON types a row's columns may hold, checked on reading (a column a record lacks is left to its reader).
+_TEXT, _INT, _NUMBER, _LIST, _OBJECT = (str,), (int,), (int, float), (list,), (dict,)
+ROW_TYPES = {
+    "run_id": _TEXT, "cell_id": _TEXT, "dataset": _TEXT, "split": _TEXT, "model": _TEXT, "label": _TEXT,
+    "config_hash": _TEXT, "model_config": _OBJECT, "structure": _OBJECT, "seed": _INT, "estimator": _TEXT,
+    "k": _INT, "metric": _TEXT, "method": _TEXT, "value": _NUMBER, "stderr": _NUMBER, "mc_stderr": _NUMBER,
+    "replicates": _INT, "unit": _TEXT, "n_examples": _INT, "device": _TEXT, "wall_s": _NUMBER,
+    "timing_s": _LIST, "per_example": _LIST, "status": _TEXT, "error": _TEXT, "schema_version": _INT,
+}
+def row_problem(record: dict) -> str | None:
+    """What makes a results record unreadable as a row (a column of the wrong JSON type), or None.
+
+    Null passes everywhere: which columns a row must fill is its reader's rule (upgrade_record, the check)."""
+    for name, types in ROW_TYPES.items():
+        if record.get(name) is None:
+            continue
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"column {name} holds {json.dumps(value)[:60]}, expected {_type_names(types)}"
+        if name in ("timing_s", "per_example") and not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value):
+            return f"column {name} holds a value that is not a number"
+    if record.get("status") is not None and record["status"] not in STATUSES:
+        return f"column status holds {record['status']!r}, expected one of {', '.join(STATUSES)}"
+    return None
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return {_TEXT: "a string", _INT: "an integer", _NUMBER: "a number", _LIST: "a list",
+            _OBJECT: "an object"}[types]
+
+
 def read_rows(run_dir: Path) -> tuple[list[dict], bool]:
     """The upgraded records of ``run_dir``'s results.jsonl, and whether a torn last line was left out."""
-    records, torn = read_jsonl(Path(run_dir) / RESULTS_FILE)
+    records, torn = read_jsonl(Path(run_dir) / RESULTS_FILE, check=row_problem)
     return [upgrade_record(r) for r in records], torn
 
 

@@ -100,7 +100,7 @@ def test_defaults_never_oversubscribe_the_cores(monkeypatch):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--workers", "0"], "--workers must be an integer >= 1, got 0"),
+    (["--workers", "0"], "--workers: must be an integer >= 1, got 0"),
     (["--executor", "serial", "--workers", "2"], "--executor serial runs one fit at a time"),
     (["--ray-address", "auto"], "--ray-address needs --executor ray"),
     (["--executor", "ray", "--gpus-per-fit", "0"], "--gpus-per-fit must be > 0"),

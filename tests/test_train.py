@@ -221,8 +221,10 @@ def test_a_foreign_pickle_in_the_cache_runs_no_code_and_gives_a_clear_error(digi
     path = _cell_path(digits, tmp_path)
     marker = tmp_path / "code-was-run"
     torch.save({"state_dict": _RunsCode(marker)}, path)  # a well-formed torch file whose pickle calls open()
-    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*delete the file to retrain"):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*delete the file to retrain") as refused:
         train_model("vae", SMALL_MLP, digits, CACHED, device=CPU, cache_dir=tmp_path, progress=False)
+    assert "weights_only" not in str(refused.value)  # torch's advice to load unsafely is not passed on
+    assert "refused" in str(refused.value)
     assert not marker.exists()
     assert path.exists()  # documented: never silently replaced
     # The file is a real threat: an unrestricted load would have run its code.

@@ -13,7 +13,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from reports.schema import RESULTS_FILE, ResultsFileError, read_jsonl, read_manifest, upgrade_record, write_atomic
+from reports.schema import (
+    RESULTS_FILE,
+    ResultsFileError,
+    read_jsonl,
+    read_manifest,
+    row_problem,
+    upgrade_record,
+    write_atomic,
+)
 
 from .cells import KEY_FIELDS, CellKey, CheckInputError, cell_key, describe_key, sort_key
 from .compare import rows_by_key, with_khat_share
@@ -43,7 +51,7 @@ def read_run_rows(run_dir: Path) -> list[dict]:
         raise CheckInputError(f"{run_dir} has no {RESULTS_FILE}: is it a run directory "
                               "(python -m bench run --out DIR)?")
     try:
-        rows, torn = read_jsonl(path)
+        rows, torn = read_jsonl(path, check=row_problem)
     except ResultsFileError as error:
         raise CheckInputError(str(error)) from None
     if torn:
@@ -96,6 +104,10 @@ def read_baseline(path: Path) -> Baseline:
             else ["(not an object)"]
         if missing:
             raise CheckInputError(f"baseline {path} cell {index} lacks {', '.join(missing)}")
+        not_scalar = [name for name in KEY_FIELDS if isinstance(cell[name], (dict, list))]
+        if not_scalar:
+            raise CheckInputError(f"baseline {path} cell {index}: key {not_scalar[0]} holds "
+                                  f"{json.dumps(cell[not_scalar[0]])[:60]}, expected a string, number or null")
         if not isinstance(cell["value"], (int, float)) or not math.isfinite(cell["value"]):
             raise CheckInputError(f"baseline {path} cell {index} ({describe_key(cell_key(cell))}) "
                                   f"has a non-numeric value {cell['value']!r}")
@@ -164,11 +176,16 @@ def baseline_from_run(rows: list[dict], manifest: dict) -> dict:
 
 def write_baseline(run_dir: Path, path: Path) -> int:
     """Write the baseline of RUN_DIR to ``path`` (stable key order and indentation, so diffs read well)."""
-    document = baseline_from_run(read_run_rows(run_dir), read_run_manifest(run_dir))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CheckInputError(f"--write-baseline {path} is a directory; name a file, e.g. {path / 'baseline.json'}")
+    document = baseline_from_run(read_run_rows(run_dir), read_run_manifest(run_dir))
     text = baseline_text(document)
-    write_atomic(path, lambda f: f.write(text.encode()))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda f: f.write(text.encode()))
+    except OSError as error:
+        raise CheckInputError(f"cannot write baseline {path}: {error.strerror or error}") from None
     return len(document["cells"])
 
 

@@ -1,9 +1,17 @@
 """The identity of a cell in a check: which row of a run matches which cell of a baseline."""
 from __future__ import annotations
 
+from bench.paths import utf8_problem
+
 
 class CheckInputError(ValueError):
     """Bad input to the check (a missing or malformed file); reported as one line, exit status 2."""
+
+
+def check_utf8_path(path: object, what: str) -> None:
+    problem = utf8_problem(path)
+    if problem is not None:
+        raise CheckInputError(f"{what}: {problem}")
 
 
 # Cells match on these fields (a model is identified by its config_hash, so a changed config is a new cell).

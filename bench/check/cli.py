@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .baseline import REWRITE, check_same_suite, read_baseline, read_run_manifest, read_run_rows, write_baseline
-from .cells import CheckInputError
+from .cells import CheckInputError, check_utf8_path
 from .compare import CheckResult, compare
 from .render import render
 from .rules import DEFAULT_FLOOR_NATS, DEFAULT_THROUGHPUT_ALPHA, DEFAULT_Z, Settings
@@ -68,6 +68,10 @@ def run_check(run_dir: Path, baseline_path: Path, settings: Settings) -> tuple[C
 def main(args: argparse.Namespace) -> int:
     """Exit status: 0 pass, 1 regression, 2 bad input."""
     try:
+        for what, path in (("RUN_DIR", args.run_dir), ("--baseline", args.baseline),
+                           ("--write-baseline", args.write_baseline)):
+            if path is not None:
+                check_utf8_path(path, what)
         if args.write_baseline is not None:
             count = write_baseline(args.run_dir, args.write_baseline)
             print(f"wrote {count} cells to {args.write_baseline}")

@@ -24,6 +24,7 @@ from reports.schema import STRUCTURE_FIELDS
 from vaes import create_model, list_models
 from vaes.base import config_hash as hash_config
 
+from . import resources
 from .configs import check_overrides, train_config
 from .keys import KeyChecker, SuiteError
 from .objectives import check_model_objective, check_objective_table
@@ -110,6 +111,10 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
         except (KeyError, ValueError) as exc:
             raise check.fail("eval.split", f"cannot be used with dataset {name!r}: {exc}") from None
 
+    try:
+        limit = resources.memory_limit_bytes()
+    except resources.ResourceError as exc:
+        raise SuiteError(str(exc)) from None
     fits = []
     for i, spec in enumerate(suite.models):
         check_objective_table(spec.config, f"models[{i}].config.objective", check)
@@ -117,6 +122,7 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
         for dataset_name in spec.datasets:
             dataset = datasets[dataset_name]
             full_config = {**spec.config, "data_dim": dataset.data_dim, "likelihood": dataset.likelihood}
+            _check_model_size(spec, i, dataset_name, full_config, limit, check)
             try:
                 model = create_model(spec.name, **full_config)
             except (TypeError, ValueError) as exc:
@@ -128,8 +134,41 @@ def prepare(suite: Suite, *, data_dir: Path | None = None) -> Plan:
             for seed in suite.seeds:
                 fit = Fit(dataset_name, split, spec, seed, full_config, model.config_hash(), structure_record(model),
                           train_config(suite, spec, i, seed, check), evaluations=evaluations)
-                fits.append(dataclasses.replace(fit, cells=_cells(fit, suite)))
+                fit = dataclasses.replace(fit, cells=_cells(fit, suite))
+                _check_cell_sizes(fit, i, model, dataset, suite, limit, check)
+                fits.append(fit)
     return Plan(suite, datasets, tuple(fits))
+
+
+def _check_model_size(spec: ModelSpec, index: int, dataset_name: str, config: dict, limit: int,
+                      check: KeyChecker) -> None:
+    """Refuse a model whose training state alone is beyond the memory limit, before building it."""
+    try:
+        shapes = resources.meta_model(spec.name, config)
+    except Exception:  # noqa: BLE001  a config the real construction refuses: it says why, just after
+        return
+    problem = resources.too_large(resources.training_bytes(shapes), limit)
+    if problem is not None:
+        raise check.fail(f"models[{index}]", f"({spec.label}) on {dataset_name!r} {problem}")
+
+
+def _check_cell_sizes(fit: Fit, index: int, model, dataset, suite: Suite, limit: int, check: KeyChecker) -> None:
+    """Refuse a cell whose estimated peak (training state, a chunk of draws, the k-hat tail) is beyond the limit."""
+    base = resources.training_bytes(model)
+    for cell in fit.cells:
+        if cell.k is None or cell.spec is None:
+            continue
+        n = cell.spec.n_examples or suite.eval["n_examples"] or dataset.split(fit.split).shape[0]
+        batch = min(suite.eval["batch_size"], n)
+        draws = cell.k * cell.spec.params.get("replicates", 1)
+        try:
+            needed, _ = resources.draw_bytes(model, batch, dataset.data_dim, draws)
+        except Exception:  # noqa: BLE001  a model whose draw_nbytes needs real data: no estimate
+            continue
+        problem = resources.too_large(base + needed, limit)
+        if problem is not None:
+            raise check.fail(f"models[{index}]", f"({cell.describe(fit)}: {draws:,} draws per example in batches "
+                                                 f"of {batch}) {problem}")
 
 
 def evaluation_only_fields(model) -> tuple[str, ...]:

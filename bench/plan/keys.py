@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from bench.run.evaluators import Param
 
 from .choices import UnknownChoice, choose
+from .numbers import integer_problem, seed_problem
 
 
 class SuiteError(ValueError):
@@ -59,11 +60,16 @@ class KeyChecker:
             raise self.fail(key, f"must be a non-empty string, got {value!r}")
         return value
 
-    def integer(self, value: object, key: str, minimum: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"must be an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be an integer >= {minimum}, got {value!r}")
+    def integer(self, value: object, key: str, minimum: int | None = None, maximum: int | None = None) -> int:
+        problem = integer_problem(value, minimum, maximum)
+        if problem is not None:
+            raise self.fail(key, problem)
+        return value
+
+    def seed(self, value: object, key: str) -> int:
+        problem = seed_problem(value)
+        if problem is not None:
+            raise self.fail(key, problem)
         return value
 
     def positive(self, value: object, key: str) -> int:

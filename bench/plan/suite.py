@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.run.evaluators import ESTIMATORS
 
 from .keys import KeyChecker, SuiteError
+from .numbers import THREADS_MAX
 
 SUITES_DIR = Path(__file__).parent.parent / "suites"
 
@@ -127,6 +128,9 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"suite {path.name}: malformed TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SuiteError(f"suite {path.name}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "TOML files are UTF-8") from None
     except OSError as exc:
         raise SuiteError(f"suite {path}: cannot read: {exc.strerror}") from None
 
@@ -141,7 +145,7 @@ def parse_suite(contents: dict, *, source: str, default_name: str, label: str | 
     name = check.string(contents.get("name", default_name), "name")
     description = str(contents.get("description", ""))
     datasets = check.names(contents["datasets"], "datasets")
-    seeds = tuple(check.integer(s, f"seeds[{i}]", minimum=0) for i, s in enumerate(
+    seeds = tuple(check.seed(s, f"seeds[{i}]") for i, s in enumerate(
         contents.get("seeds", [0]) if isinstance(contents.get("seeds", [0]), list) else [contents["seeds"]]))
     if not seeds:
         raise check.fail("seeds", "must list at least one seed")
@@ -158,7 +162,8 @@ def parse_suite(contents: dict, *, source: str, default_name: str, label: str | 
 
     estimator_specs = _parse_estimators(contents["estimators"], check)
     models = _parse_models(contents["models"], datasets, {e.name for e in estimator_specs}, check)
-    threads = check.integer(contents["threads"], "threads", minimum=1) if "threads" in contents else None
+    threads = check.integer(contents["threads"], "threads", minimum=1, maximum=THREADS_MAX) \
+        if "threads" in contents else None
     return Suite(name, description, source, datasets, models, estimator_specs, seeds, threads, train, eval_settings,
                  timing, contents)
 

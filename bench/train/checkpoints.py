@@ -83,9 +83,21 @@ def load_checkpoint(path: Path, key: str, model: LatentVariableModel, device: to
         if restore is not None:
             restore(payload)
     except Exception as error:  # unpickling refusal, truncation, wrong keys or shapes: all the same to the user
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first_line}; delete the file to retrain") from error
+        raise CheckpointError(f"cannot load checkpoint {path}: {_load_problem(error)}; refused, not used: "
+                              "delete the file to retrain") from error
     return payload
+
+
+def _load_problem(error: Exception) -> str:
+    """The reason a checkpoint did not load, in our words where torch's would advise unsafe loading.
+
+    torch's refusal suggests retrying with weights_only=False, which would run the file's code: wrong advice
+    for a file in a cache that anything may have written."""
+    text = str(error).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ("it holds objects other than tensors and plain containers, which are refused "
+                "(loading them could run code)")
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
