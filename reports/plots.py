@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +31,7 @@ PANEL_WIDTH, PANEL_HEIGHT, MAX_COLUMNS = 5.0, 3.8, 3
 DEVICE_LINESTYLES = ("-", "--", ":", "-.")
 ESTIMATOR_MARKERS = ("s", "o", "^", "D", "v")
 NATS_LABEL = "nats per example"
+GAP_COLUMNS = 2
 
 
 def plotting():
@@ -46,18 +48,44 @@ def plotting():
     return plt, sns
 
 
-def _panels(n: int, plt, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT):
+def _panels(n: int, plt, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT, share: bool = False):
     columns = min(n, MAX_COLUMNS)
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False,
+                             sharex=share, sharey=share)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
+def stable_color(label: str, sns) -> tuple:
+    """One fixed colour per label in every plot of every report: a stable hash of the label into tab20
+    (Python's hash() is salted per process; crc32 is not)."""
+    colors = sns.color_palette("tab10") + sns.color_palette("tab20")[1::2]
+    return colors[zlib.crc32(str(label).encode()) % len(colors)]
+
+
 def _palette(labels, sns) -> dict[str, tuple]:
-    labels = list(dict.fromkeys(labels))
-    return dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))))
+    return {label: stable_color(label, sns) for label in dict.fromkeys(labels)}
+
+
+def _axis_values(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells whose values may set an axis: those of rows without a trust flag (reports.flags), where
+    render_plots marked them; all cells otherwise."""
+    if "sets_axis" not in cells.columns or not cells["sets_axis"].any():
+        return cells
+    return cells[cells["sets_axis"]]
+
+
+def _fit_ylim(ax, values: pd.Series, stderrs: pd.Series | None = None) -> None:
+    """A linear y range around these values (with their error bars) and a 8% margin."""
+    values = values.astype(float)
+    errors = stderrs.astype(float).fillna(0) if stderrs is not None else 0
+    low, high = float((values - errors).min()), float((values + errors).max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return
+    pad = max(0.08 * (high - low), 0.05)
+    ax.set_ylim(low - pad, high + pad)
 
 
 def _legend_right(fig, handles, labels, title=None) -> None:
@@ -209,6 +237,9 @@ def bound_vs_k(summary: pd.DataFrame, plt, sns):
             if logp is not None:
                 ax.axhline(logp[0], color=color, linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        shown = mine[mine["kind"].isin(["bound", "log_marginal"]) & mine["label"].isin(colors)]
+        if len(_axis_values(shown)) < len(shown):  # flagged rows are drawn but do not set the axis
+            _fit_ylim(ax, _axis_values(shown)["value"], _axis_values(shown)["stderr"])
         ax.set_title(dataset)
         ax.set_xlabel("K (importance samples, log scale)")
         ax.set_ylabel(f"bound ({NATS_LABEL})")
@@ -218,7 +249,8 @@ def bound_vs_k(summary: pd.DataFrame, plt, sns):
                 Line2D([], [], color="grey", linestyle="--")]
     labels += ["ELBO (at K = 1)", "log p(x) (exact, else best estimate)"]
     _legend_right(fig, handles, labels, title="model")
-    fig.suptitle("Bound vs number of importance samples (diffusion models: see bound_vs_steps)")
+    fig.suptitle("How much does each bound tighten with more importance samples K? "
+                 "(diffusion models: see bound_vs_steps; flagged rows do not set the axes)")
     return fig
 
 
@@ -317,7 +349,7 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
         mine = points[points["dataset"] == dataset]
         bounds = mine[mine["kind"] == "bound"]
         reference = _reference_log_marginal(mine)
-        shown = [*bounds.loc[bounds["column"].isin([*styles, CONTINUOUS_ELBO]), "value"],
+        shown = [*_axis_values(bounds[bounds["column"].isin([*styles, CONTINUOUS_ELBO])])["value"],
                  *([reference[0]] if reference else [])]
         panels.append((dataset, bounds, reference, min(shown), max(shown)))
     zoomed = [_symlog_span(low, high) > SYMLOG_MIN_DECADES for *_, low, high in panels]
@@ -353,7 +385,7 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
     blank = Line2D([], [], linestyle="none")
     _legend_right(fig, [*series_handles, blank, *style_handles], [*shown_series, "", *style_labels],
                   title="series (colour), bound (style)")
-    fig.suptitle("Bound vs number of steps: a diffusion's T and a hierarchy's L on one axis")
+    fig.suptitle("Does the bound improve with more steps? A diffusion's T and a hierarchy's L on one axis")
     return fig
 
 
@@ -385,10 +417,16 @@ def gap(summary: pd.DataFrame, plt, sns):
     if not panels:
         return None
     heights = [0.6 + 0.3 * rows["row"].nunique() for _, rows in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), max(heights) + 1.0), squeeze=False)
+    # at most GAP_COLUMNS panels side by side, so the figure stays readable at a page's width
+    columns = min(len(panels), GAP_COLUMNS)
+    fig, axes = plt.subplots(math.ceil(len(panels) / columns), columns,
+                             figsize=(6.5 * columns, (max(heights) + 1.2) * math.ceil(len(panels) / columns)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     bounds = sorted({b for _, rows in panels for b in rows["bound"]}, key=bound_order)
     colors = _palette(bounds, sns)
-    for ax, (dataset, rows) in zip(axes[0], panels):
+    for ax, (dataset, rows) in zip(axes.flat, panels):
         names = list(dict.fromkeys(rows["row"]))
         present = [b for b in bounds if b in set(rows["bound"])]
         width = 0.8 / len(present)
@@ -408,7 +446,7 @@ def gap(summary: pd.DataFrame, plt, sns):
     handles = dict(zip(*reversed(_unique_handles(fig))))
     _legend_right(fig, [handles[b] for b in bounds if b in handles], [b for b in bounds if b in handles],
                   title="bound")
-    fig.suptitle("Gap of each bound to the model's own log p(x) [reference]: one layer -> hierarchy -> diffusion")
+    fig.suptitle("How far is each bound below the model's own log p(x) [reference]?")
     return fig
 
 
@@ -487,7 +525,7 @@ def kl_layers(summary: pd.DataFrame, plt, sns):
         else:
             _kl_depth(ax, cells, sns)
             ax.set_title(f"{dataset}: {series}, KL per layer", fontsize="medium")
-    fig.suptitle("KL per layer: per diffusion step along t (top layer z_1 left out), per hierarchy layer")
+    fig.suptitle("Where does the KL go? Per diffusion step along t (top layer z_1 left out), per hierarchy layer")
     return fig
 
 
@@ -498,7 +536,7 @@ def throughput(summary: pd.DataFrame, plt, sns):
         return None
     rows["K"] = rows["k"].astype(float)
     groups = list(rows.groupby(["dataset", "label"], sort=True))
-    fig, axes = _panels(len(groups), plt)
+    fig, axes = _panels(len(groups), plt, share=True)  # one scale for all: panels compare by eye
     colors = _palette(sorted(rows["estimator"].unique()), sns)
     styles = dict(zip(sorted(rows["device"].unique()), DEVICE_LINESTYLES * 4))
     markers = dict(zip(sorted(rows["estimator"].unique()), ESTIMATOR_MARKERS * 4))
@@ -514,7 +552,7 @@ def throughput(summary: pd.DataFrame, plt, sns):
         ax.set_xlabel("K (samples per example, log scale)")
         ax.set_ylabel("throughput (samples/s, log scale)")
     _legend_right(fig, *_unique_handles(fig), title="estimator, device")
-    fig.suptitle("Throughput")
+    fig.suptitle("How many samples per second does each estimator draw, as K grows? (all panels on one scale)")
     return fig
 
 
@@ -536,7 +574,19 @@ ROW_PLOTS: dict[str, Callable] = {
 
 def render_plots(summary: pd.DataFrame, results: pd.DataFrame | None = None) -> dict[str, bytes]:
     """{plot name: PNG bytes} for every plot the summary (and the result rows, where given) has data for."""
+    return {name: files["png"] for name, files in render_figures(summary, results).items()}
+
+
+def render_figures(summary: pd.DataFrame, results: pd.DataFrame | None = None,
+                   formats: tuple[str, ...] = ("png",)) -> dict[str, dict[str, bytes]]:
+    """{plot name: {format: bytes}} for every plot the summary (and the result rows) has data for: PNG for
+    pages, SVG beside it for print. Rows with a trust flag (reports.flags) are drawn but do not set axes."""
     plt, sns = plotting()
+    if results is not None and not summary.empty:
+        from reports.flags import axis_labels, flags_by_label, trust_flags
+        flagged = flags_by_label(trust_flags(results, summary), summary)
+        allowed = {(d, label) for d in summary["dataset"].unique() for label in axis_labels(summary, flagged, d)}
+        summary = summary.assign(sets_axis=[key in allowed for key in zip(summary["dataset"], summary["label"])])
     figures = [(name, plot(summary, plt, sns)) for name, plot in PLOTS.items()]
     if results is not None:
         figures += [(name, plot(results, plt, sns)) for name, plot in ROW_PLOTS.items()]
@@ -545,8 +595,10 @@ def render_plots(summary: pd.DataFrame, results: pd.DataFrame | None = None) -> 
         if fig is None:
             continue
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        images[name] = {}
+        for fmt in formats:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight")
+            images[name][fmt] = buffer.getvalue()
         plt.close(fig)
-        images[name] = buffer.getvalue()
     return images
