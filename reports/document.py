@@ -44,7 +44,7 @@ def markdown_document(tables: list[ComparisonTable], manifests: dict, failed: pd
     for table in tables:
         parts += [f"## {md_escape(table.title)}", "", markdown_table(table, flags), ""]
     if plot_files:
-        parts += ["## Plots", ""] + [f"![{md_escape(name)}]({name})" for name in plot_files] + [""]
+        parts += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]  # our own file names
     parts += ["## Provenance", ""]
     for run_dir, fields in provenance(manifests):
         parts += [f"### {md_escape(run_dir)}", ""] + [f"- **{field}**: {md_escape(text)}" for field, text in fields]
