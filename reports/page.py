@@ -75,8 +75,8 @@ FIGURE_CAPTIONS = {
                    "its ELBO at K = 1 (open square), and its log p(x) (dashed, exact or best estimate). A bound "
                    "that rises with K toward its dashed line is tightening; the distance left is the gap. Bars: "
                    "± standard error. Flagged rows are drawn but do not set the axes."),
-    "gap": ("For each model, its own best log p(x) minus each of its bounds (reference in brackets), a bar per bound; "
-            "shorter is tighter. The axis is symlog (linear within 0.1 nats); bars: ± paired standard error "
+    "gap": ("For each model, its own best log p(x) minus each of its bounds (reference in brackets), a bar per "
+            "bound; shorter is tighter. The axis is symlog (linear within 0.1 nats); bars: ± paired standard error "
             "(per-example differences on shared examples and draws), often much smaller than either number's."),
     "kl_layers": ("Where the KL goes: for a hierarchy, the KL of each layer (a category, 1 = next to the data); for a "
                   "diffusion, T x the KL of each step along its time t (lines of different T comparable)."),
@@ -203,7 +203,8 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
     for name, png in images.items():
         encoded = base64.b64encode(png).decode("ascii")
         caption = FIGURE_CAPTIONS.get(name, name)
-        parts.append(f"<figure id=\"p-{_anchor(name)}\"><img alt=\"{_e(name)}\" src=\"data:image/png;base64,{encoded}\">"
+        parts.append(f"<figure id=\"p-{_anchor(name)}\">"
+                     f"<img alt=\"{_e(name)}\" src=\"data:image/png;base64,{encoded}\">"
                      f"<figcaption><b>{_e(name)}</b>: {_e(caption)}</figcaption></figure>")
     definitions = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>" for term, text in DEFINITIONS)
     parts.append(f"</section><section id=\"definitions\"><h2>Definitions</h2><dl>{definitions}</dl></section>")
@@ -211,7 +212,8 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
     parts.append("<section id=\"provenance\"><h2>Provenance</h2>")
     for run_dir, fields in provenance:
         rows = "".join(f"<tr><th>{_e(f)}</th><td>{_e(t)}</td></tr>" for f, t in fields)
-        parts.append(f"<div class=\"scroll\"><table class=\"meta\"><caption>{_e(run_dir)}</caption>{rows}</table></div>")
+        parts.append(f"<div class=\"scroll\"><table class=\"meta\"><caption>{_e(run_dir)}</caption>{rows}</table>"
+                     "</div>")
     parts.append("</section><section id=\"failed\"><h2>Failed or skipped cells</h2>")
     if failed is None:
         parts.append("<p>None.</p>")
