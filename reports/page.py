@@ -82,7 +82,8 @@ FIGURE_CAPTIONS = {
                   "diffusion, T x the KL of each step along its time t (lines of different T comparable)."),
     "throughput": ("Samples per second of each estimator against K, one panel per model, all panels on one scale "
                    "so heights compare across models; line style: device."),
-    "bound_vs_steps": ("Bounds against a diffusion's steps T and a hierarchy's layers L on one log axis (colour: series, "
+    "bound_vs_steps": ("Bounds against a diffusion's steps T and a hierarchy's layers L on one log axis (colour: "
+                       "series, "
                        "style: bound); log p(x) dashed black. A range of many decades gets a symlog axis and a zoomed "
                        "linear panel below."),
     "gradient_snr": ("Signal-to-noise ratio of gradient estimates against K on log axes; the slope says how fast more "

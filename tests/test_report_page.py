@@ -104,3 +104,16 @@ def test_latex_bold_is_inside_math_mode(tmp_path):
     reports.build_report([write_run(tmp_path / "run", digits_rows())], formats=["tex"], out_dir=tmp_path)
     tex = (tmp_path / "report.tex").read_text()
     assert "$\\mathbf{" in tex and "\\textbf{$" not in tex and "\\toprule" in tex
+
+
+def test_one_label_naming_different_models_in_two_runs(tmp_path):
+    """Two runs whose suites gave the label "model-a" to a vae and to an iwae: two rows, each named by its model,
+    and the plots draw (they crashed drawing one label's two ELBOs at one K)."""
+    vae = [{**r, "label": "model-a"} for r in digits_rows() if r["model"] == "vae"]
+    iwae = [{**r, "label": "model-a", "run_id": "run-2"} for r in digits_rows() if r["model"] == "iwae"]
+    runs = [write_run(tmp_path / "a", vae), write_run(tmp_path / "b", iwae)]
+    written = reports.build_report(runs, formats=["md", "png"], out_dir=tmp_path / "out")
+    assert {"bound_vs_k.png", "gap.png"} <= {p.name for p in written}
+    md = (tmp_path / "out" / "report.md").read_text()
+    # the vae's seeds give ELBO -30.0 and -31.0: mean -30.50 (test_reports' digits_rows)
+    assert "| model-a (vae) | 2 | -30.50 ± 0.59 |" in md and "| model-a (iwae) | 2 |" in md
