@@ -9,8 +9,9 @@ that shows it:
   above it (row khat_share > 0), or when K > 1 draws are worth about one (ESS below ESS_ABOUT_ONE).
 * "below uniform": a bound under -D log 2 on D binary dimensions, below what a model that gives every
   binary image the same probability scores: the model is worse than no model.
-* "not converged": the validation ELBO of the training curve (rows valid_elbo/<step>) still rose over its
-  last interval by more than a CONVERGED_SHARE of its whole rise and more than CONVERGED_NATS.
+* "not converged": the validation ELBO of the training curve (rows valid_elbo/<step>) still rises at its end:
+  training as long again at the rate of its last interval would gain more than CONVERGED_NATS. (A share of
+  the whole rise would miss a model that started thousands of nats off and still gains 2 nats a step window.)
 * "failed or skipped": some cell of the model has no value (status failed or skipped).
 """
 from __future__ import annotations
@@ -25,9 +26,11 @@ CONFIG_KEYS = ["dataset", "model", "config_hash"]
 RELIABLE_KHAT = 0.7
 ESS_ABOUT_ONE = 1.5  # of K >= 2 draws: fewer than one and a half draws effectively count
 CURVE_METRIC = "valid_elbo/"
-CONVERGED_SHARE, CONVERGED_NATS = 0.05, 0.1
-# Flags that say a row's numbers are themselves suspect (not just its training): such rows never set an axis.
-SEVERE = ("weights", "below uniform")
+CONVERGED_NATS = 1.0  # of the projected gain over as many steps again
+# Flags whose numbers make a row's values meaningless at the scale of the others (a bound below the uniform model,
+# weights worth one draw): such rows never set an axis. A k-hat share alone marks a row but leaves its values
+# plotted at their scale (at K = 5000 a few heavy-tailed examples are common, and every row would lose its axis).
+SEVERE = ("below uniform", "ESS ")
 FLAG_COLUMNS = [*CONFIG_KEYS, "flag", "detail"]
 
 
@@ -74,8 +77,8 @@ def _not_converged(ok: pd.DataFrame) -> list[dict]:
         if len(rows) < 2:
             continue
         values, steps = rows["value"].to_numpy(), rows["step"].to_numpy()
-        last, total = values[-1] - values[-2], values[-1] - values[0]
-        if last > CONVERGED_NATS and last > CONVERGED_SHARE * abs(total):
+        last = values[-1] - values[-2]
+        if last * steps[-1] / (steps[-1] - steps[-2]) > CONVERGED_NATS:
             flags.append({**dict(zip(CONFIG_KEYS, keys)), "flag": "not converged",
                           "detail": f"validation ELBO rose {last:.2f} nats over the last {int(steps[-1] - steps[-2])} "
                                     f"of {int(steps[-1])} steps"})
@@ -113,13 +116,14 @@ def flags_by_label(flags: pd.DataFrame, summary: pd.DataFrame) -> dict[tuple[str
     return out
 
 
+def _severe(flag: str, detail: str) -> bool:
+    return flag in SEVERE or any(detail.startswith(prefix) for prefix in SEVERE)
+
+
 def axis_labels(summary: pd.DataFrame, flagged: dict[tuple[str, str], list[tuple[str, str]]],
                 dataset: str) -> set[str]:
-    """The labels of one dataset whose values may set a plot's axes: the unflagged ones; where every row is
-    flagged, those without a SEVERE flag; where that leaves none, all."""
+    """The labels of one dataset whose values may set a plot's axes: those without a SEVERE flag; all where that
+    leaves none."""
     labels = set(summary.loc[summary["dataset"] == dataset, "label"])
-    clean = {label for label in labels if not flagged.get((dataset, label))}
-    if clean:
-        return clean
-    mild = {label for label in labels if not any(f in SEVERE for f, _ in flagged.get((dataset, label), []))}
-    return mild or labels
+    kept = {label for label in labels if not any(_severe(f, d) for f, d in flagged.get((dataset, label), []))}
+    return kept or labels

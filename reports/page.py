@@ -13,9 +13,10 @@ from reports.table import ComparisonTable
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; max-width: 1900px; }
-table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 0.85em; }
+table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 0.78em; }
 caption { text-align: left; font-weight: 600; padding: 0.3em 0; }
-th, td { border-bottom: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; white-space: nowrap; }
+th, td { border-bottom: 1px solid #ccc; padding: 0.2em 0.4em; text-align: right; white-space: nowrap; }
+td.flags { white-space: normal; min-width: 7em; max-width: 12em; }
 th:first-child, td.note, td.flags, table.meta td, table.failed td { text-align: left; }
 td.note { color: #555; font-size: 0.92em; }
 table.failed td { white-space: normal; }
@@ -143,10 +144,14 @@ def _summary(summary: pd.DataFrame | None, flags: dict) -> str:
         for label in dict.fromkeys(mine["label"]):
             gaps = mine[(mine["kind"] == "gap") & (mine["label"] == label)]
             text = _e(label)
-            if not gaps.empty:
-                tight = gaps.loc[gaps["value"].idxmin()]
-                text += (f": gap of {_e(tight['column'])} {tight['value']:.2f} ± {tight['stderr']:.2f} nats to its "
-                         f"{_e(tight['reference'])}")
+            if not gaps.empty:  # the ELBO's gap (the variational gap), and the tightest other bound's
+                shown = gaps[gaps["column"] == "ELBO"]
+                others = gaps[gaps["column"] != "ELBO"]
+                if not others.empty:
+                    shown = pd.concat([shown, others.loc[[others["value"].idxmin()]]])
+                text += ": gap " + ", ".join(f"of {_e(g['column'])} {g['value']:.2f} ± {g['stderr']:.2f}"
+                                             for _, g in shown.iterrows())
+                text += f" nats to its {_e(gaps['reference'].iloc[0])}"
             mine_flags = flags.get((dataset, label), [])
             if mine_flags:
                 text += " " + " ".join(f"<span class=\"flag\" title=\"{_e(d)}\">{_e(n)}</span>" for n, d in mine_flags)
@@ -187,7 +192,9 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
     sections = [("summary", "Summary"), ("tables", "Tables"), ("plots", "Plots"), ("definitions", "Definitions"),
                 ("settings", "Settings"), ("provenance", "Provenance"), ("failed", "Failed or skipped cells")]
     toc = "".join(f"<li><a href=\"#{a}\">{_e(t)}</a></li>" for a, t in sections)
-    table_links = "".join(f"<li><a href=\"#t-{_anchor(t.title)}\">{_e(t.title)}</a></li>" for t in tables)
+    short = [t.title.split(" (bounds")[0].split(" =")[0] for t in tables]  # "digits (test), gap"
+    table_links = "".join(f"<li><a href=\"#t-{_anchor(t.title)}\">{_e(name)}</a></li>"
+                          for t, name in zip(tables, short, strict=True))
     plot_links = "".join(f"<li><a href=\"#p-{_anchor(n)}\">{_e(n)}</a></li>" for n in images)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width\"><title>elbo-bench report</title>",

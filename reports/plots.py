@@ -484,9 +484,12 @@ def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("time t of the step (t = 0: data)")
     ax.set_ylabel("T x KL of the step (nats per unit t)")
+    ticks = sorted({top for top, _ in profiles})
+    if len(ticks) == 1:  # one T: said in the title, no colorbar
+        ax.set_title(f"T = {ticks[0]}", fontsize="small", loc="right")
+        return
     bar = ax.figure.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, pad=0.02)
     bar.ax.minorticks_off()
-    ticks = sorted({top for top, _ in profiles})
     bar.set_ticks(ticks, labels=[str(t) for t in ticks])
     bar.set_label("trajectory steps T (log scale)")
 
@@ -495,13 +498,17 @@ def _kl_depth(ax, cells: pd.DataFrame, sns) -> None:
     """One line per config: KL of each layer against its depth (1 = next to the data)."""
     configs = cells.drop_duplicates("config_hash").sort_values("x", na_position="last")
     shades = sns.color_palette("viridis", len(configs))
-    for color, (_, config) in zip(shades, configs.iterrows()):
+    width = 0.8 / len(configs)
+    most = 0
+    for i, (color, (_, config)) in enumerate(zip(shades, configs.iterrows())):
         mine = cells[cells["config_hash"] == config["config_hash"]]
         order = natural_sorted(mine["layer"])
         mine = mine.set_index("layer").loc[order]
-        depth = np.arange(1, len(order) + 1)
-        ax.errorbar(depth, mine["value"], yerr=mine["stderr"].fillna(0), color=color, marker="o", ms=4, capsize=2,
-                    label=_point_name(config["series"], config["family"], config["x"]))
+        depth = np.arange(1, len(order) + 1) + (i - (len(configs) - 1) / 2) * width  # a bar per layer: categories
+        ax.bar(depth, mine["value"], width, yerr=mine["stderr"].fillna(0), color=color, capsize=2,
+               label=_point_name(config["series"], config["family"], config["x"]))
+        most = max(most, len(order))
+    ax.set_xticks(np.arange(1, most + 1), [f"layer {layer}" for layer in range(1, most + 1)])
     ax.set_xlabel("layer l (1: next to the data)")
     ax.set_ylabel(f"KL ({NATS_LABEL})")
     ax.legend(fontsize="x-small")
