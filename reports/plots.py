@@ -66,7 +66,17 @@ def stable_color(label: str, sns) -> tuple:
 
 
 def _palette(labels, sns) -> dict[str, tuple]:
-    return {label: stable_color(label, sns) for label in dict.fromkeys(labels)}
+    """Each label's stable colour; where two labels of one plot hash to one colour, the later one (in the
+    order given) takes the next free colour of the palette."""
+    colors = sns.color_palette("tab10") + sns.color_palette("tab20")[1::2]
+    palette, taken = {}, set()
+    for label in dict.fromkeys(labels):
+        index = colors.index(stable_color(label, sns))
+        while index in taken and len(taken) < len(colors):
+            index = (index + 1) % len(colors)
+        taken.add(index)
+        palette[label] = colors[index]
+    return palette
 
 
 def _axis_values(cells: pd.DataFrame) -> pd.DataFrame:
@@ -456,7 +466,7 @@ def _step_position(layer: str, position: int) -> int:
     return int(numbers[-1]) if numbers else position
 
 
-def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
+def _kl_profile(ax, cells: pd.DataFrame, sns) -> int | None:
     """One line per T: the KL of the step t -> t - 1/T, times T (nats per unit time), at the step's middle.
 
     The layer with the highest index is the top one, z_1 ~ q(z_1 | x) (its KL is the prior term, not a step):
@@ -473,7 +483,7 @@ def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
         if not steps.empty:
             profiles.append((top, steps))
     if not profiles:
-        return
+        return None
     norm = colors.LogNorm(min(t for t, _ in profiles), max(max(t for t, _ in profiles), 2))
     for top, steps in sorted(profiles, key=lambda item: item[0]):
         t = (steps["i"] + 0.5) / top
@@ -485,13 +495,13 @@ def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
     ax.set_xlabel("time t of the step (t = 0: data)")
     ax.set_ylabel("T x KL of the step (nats per unit t)")
     ticks = sorted({top for top, _ in profiles})
-    if len(ticks) == 1:  # one T: said in the title, no colorbar
-        ax.set_title(f"T = {ticks[0]}", fontsize="small", loc="right")
-        return
+    if len(ticks) == 1:  # one T: said in the panel's title (kl_layers), no colorbar
+        return ticks[0]
     bar = ax.figure.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, pad=0.02)
     bar.ax.minorticks_off()
     bar.set_ticks(ticks, labels=[str(t) for t in ticks])
     bar.set_label("trajectory steps T (log scale)")
+    return None
 
 
 def _kl_depth(ax, cells: pd.DataFrame, sns) -> None:
@@ -527,8 +537,9 @@ def kl_layers(summary: pd.DataFrame, plt, sns):
     fig, axes = _panels(len(groups), plt)
     for ax, ((dataset, series), cells) in zip(axes, groups):
         if cells["family"].iloc[0] == DIFFUSION:
-            _kl_profile(ax, cells, sns)
-            ax.set_title(f"{dataset}: {series}, KL per step", fontsize="medium")
+            single = _kl_profile(ax, cells, sns)
+            ax.set_title(f"{dataset}: {series}, KL per step" + (f" (T = {single})" if single else ""),
+                         fontsize="medium")
         else:
             _kl_depth(ax, cells, sns)
             ax.set_title(f"{dataset}: {series}, KL per layer", fontsize="medium")
