@@ -375,6 +375,9 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
         if wide:
             ax.set_yscale("symlog", **SYMLOG_NATS)
             ax.set_ylim(_symlog_limits(low, high))
+        else:  # the range of the rows that may set it (a row below the uniform model is drawn off the axis)
+            pad = max(0.08 * (high - low), 0.05)
+            ax.set_ylim(low - pad, high + pad)
         if rows == 1:
             continue
         zoom = axes[1, column]
