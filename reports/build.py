@@ -10,9 +10,11 @@ import pandas as pd
 from reports.cells import summarize
 from reports.document import html_document, latex_document, markdown_document
 from reports.errors import ReportError
+from reports.flags import flags_by_label, trust_flags
 from reports.load import failed_rows, load_results, ok_rows
 from reports.published import published_tables
 from reports.render import tables_csv
+from reports.schema import write_atomic
 from reports.table import ComparisonTable, build_tables
 
 DEFAULT_FORMATS = ("md", "html")
@@ -26,27 +28,40 @@ class ReportInputs:
     tables: list[ComparisonTable]
     failed: pd.DataFrame
     manifests: dict
-    _images: dict[str, bytes] | None = None
+    summary: pd.DataFrame | None = None
+    flags: dict | None = None  # (dataset, row label) -> [(flag, detail), ...] (reports.flags)
+    _figures: dict[str, dict[str, bytes]] | None = None
+
+    def figures(self) -> dict[str, dict[str, bytes]]:
+        """The plots as {name: {"png": bytes, "svg": bytes}} (rendered once; ReportError without the [plot] extra)."""
+        if self._figures is None:
+            from reports.plots import render_figures  # lazy: tables need no plotting library
+            self._figures = render_figures(self.summary, self.results, formats=("png", "svg"))
+        return self._figures
 
     def images(self) -> dict[str, bytes]:
-        """The plots as PNG bytes (rendered once; ReportError without the [plot] extra)."""
-        if self._images is None:
-            from reports.plots import render_plots  # lazy: tables need no plotting library
-            self._images = render_plots(summarize(self.results), self.results)
-        return self._images
+        """The plots as PNG bytes."""
+        return {name: files["png"] for name, files in self.figures().items()}
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """The whole file or, after a crash, the previous one (reports.schema.write_atomic)."""
+    write_atomic(path, lambda f: f.write(payload))
 
 
 def _write(path: Path, text: str) -> list[Path]:
-    path.write_text(text, encoding="utf-8")
+    write_bytes_atomic(path, text.encode("utf-8"))
     return [path]
 
 
 def _write_png(inputs: ReportInputs, out_dir: Path) -> list[Path]:
+    """Each plot as PNG, with an SVG of it beside."""
     paths = []
-    for name, png in inputs.images().items():
-        path = out_dir / f"{name}.png"
-        path.write_bytes(png)
-        paths.append(path)
+    for name, files in inputs.figures().items():
+        for fmt, payload in files.items():
+            path = out_dir / f"{name}.{fmt}"
+            write_bytes_atomic(path, payload)
+            paths.append(path)
     return paths
 
 
@@ -55,11 +70,22 @@ def _write_html(inputs: ReportInputs, out_dir: Path) -> list[Path]:
         images, note = inputs.images(), None
     except ReportError as exc:  # the HTML report still holds the tables without the [plot] extra
         images, note = {}, f"No plots: {exc}"
-    return _write(out_dir / "report.html", html_document(inputs.tables, inputs.manifests, inputs.failed, images, note))
+    return _write(out_dir / "report.html", html_document(inputs.tables, inputs.manifests, inputs.failed, images, note,
+                                                         summary=inputs.summary, flags=inputs.flags))
 
 
 def _write_md(inputs: ReportInputs, out_dir: Path, plot_files: list[str]) -> list[Path]:
-    return _write(out_dir / "report.md", markdown_document(inputs.tables, inputs.manifests, inputs.failed, plot_files))
+    """report.md, linking the plots: those written in this call, else written now beside it (where the
+    [plot] extra is installed; without it the Markdown holds the tables only)."""
+    written: list[Path] = []
+    if not plot_files:
+        try:
+            written = _write_png(inputs, out_dir)
+        except ReportError:
+            written = []
+        plot_files = [p.name for p in written if p.suffix == ".png"]
+    text = markdown_document(inputs.tables, inputs.manifests, inputs.failed, plot_files, flags=inputs.flags)
+    return written + _write(out_dir / "report.md", text)
 
 
 # format -> writer(inputs, out_dir, png file names written in this call) -> written paths
@@ -97,12 +123,14 @@ def build_report(run_dirs: list[Path], *, formats: Iterable[str] = DEFAULT_FORMA
     run_dirs = [Path(d) for d in run_dirs]
     results = load_results(run_dirs)
     tables = build_tables(results)
-    tables += published_tables(summarize(results))  # empty unless a published row's model was measured
+    summary = summarize(results)
+    tables += published_tables(summary)  # empty unless a published row's model was measured
     if not tables:
         n_ok = len(ok_rows(results))
         raise ReportError(f"no results to report in {', '.join(map(str, run_dirs))}: "
                           f"{len(results)} rows, {n_ok} with status ok, none holding a bound or diagnostic")
-    inputs = ReportInputs(results, tables, failed_rows(results), results.attrs.get("manifests", {}))
+    flags = flags_by_label(trust_flags(results, summary), summary)
+    inputs = ReportInputs(results, tables, failed_rows(results), results.attrs.get("manifests", {}), summary, flags)
     out_dir = Path(out_dir) if out_dir is not None else run_dirs[0] / REPORT_SUBDIR
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

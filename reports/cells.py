@@ -203,7 +203,25 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     # A label the suite gave (one other than the model name) names the row; else the derived one.
     named = summary["suite_label"].notna() & (summary["suite_label"] != summary["model"])
     summary["label"] = summary["suite_label"].where(named, pd.Series(derived, index=summary.index))
-    return summary.drop(columns="suite_label")
+    return _distinct_labels(summary).drop(columns="suite_label")
+
+
+def _distinct_labels(summary: pd.DataFrame) -> pd.DataFrame:
+    """One label names one model config per dataset: where a label names several (runs whose suites gave one
+    label to different models or configs), each gets its model name, then its config hash, after the label."""
+    configs = summary.drop_duplicates(["dataset", *MODEL_KEYS[2:], "label"])
+    shared = configs.groupby(["dataset", "label"])["config_hash"].transform("size") > 1
+    if not shared.any():
+        return summary
+    renamed = {}
+    for (dataset, label), group in configs[shared].groupby(["dataset", "label"], sort=False):
+        by_model = group["model"].nunique() == len(group)
+        for _, config in group.iterrows():
+            suffix = config["model"] if by_model else f"{config['model']} {str(config['config_hash'])[:8]}"
+            renamed[(dataset, config["model"], config["config_hash"], label)] = f"{label} ({suffix})"
+    keys = zip(summary["dataset"], summary["model"], summary["config_hash"], summary["label"])
+    summary["label"] = [renamed.get(key, key[3]) for key in keys]
+    return summary
 
 
 def _natural_key(value: object) -> tuple:

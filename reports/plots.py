@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +31,7 @@ PANEL_WIDTH, PANEL_HEIGHT, MAX_COLUMNS = 5.0, 3.8, 3
 DEVICE_LINESTYLES = ("-", "--", ":", "-.")
 ESTIMATOR_MARKERS = ("s", "o", "^", "D", "v")
 NATS_LABEL = "nats per example"
+GAP_COLUMNS = 2
 
 
 def plotting():
@@ -46,18 +48,54 @@ def plotting():
     return plt, sns
 
 
-def _panels(n: int, plt, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT):
+def _panels(n: int, plt, width: float = PANEL_WIDTH, height: float = PANEL_HEIGHT, share: bool = False):
     columns = min(n, MAX_COLUMNS)
     rows = math.ceil(n / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False,
+                             sharex=share, sharey=share)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
+def stable_color(label: str, sns) -> tuple:
+    """One fixed colour per label in every plot of every report: a stable hash of the label into tab20
+    (Python's hash() is salted per process; crc32 is not)."""
+    colors = sns.color_palette("tab10") + sns.color_palette("tab20")[1::2]
+    return colors[zlib.crc32(str(label).encode()) % len(colors)]
+
+
 def _palette(labels, sns) -> dict[str, tuple]:
-    labels = list(dict.fromkeys(labels))
-    return dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", len(labels))))
+    """Each label's stable colour; where two labels of one plot hash to one colour, the later one (in the
+    order given) takes the next free colour of the palette."""
+    colors = sns.color_palette("tab10") + sns.color_palette("tab20")[1::2]
+    palette, taken = {}, set()
+    for label in dict.fromkeys(labels):
+        index = colors.index(stable_color(label, sns))
+        while index in taken and len(taken) < len(colors):
+            index = (index + 1) % len(colors)
+        taken.add(index)
+        palette[label] = colors[index]
+    return palette
+
+
+def _axis_values(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells whose values may set an axis: those of rows without a trust flag (reports.flags), where
+    render_plots marked them; all cells otherwise."""
+    if "sets_axis" not in cells.columns or not cells["sets_axis"].any():
+        return cells
+    return cells[cells["sets_axis"]]
+
+
+def _fit_ylim(ax, values: pd.Series, stderrs: pd.Series | None = None) -> None:
+    """A linear y range around these values (with their error bars) and a 8% margin."""
+    values = values.astype(float)
+    errors = stderrs.astype(float).fillna(0) if stderrs is not None else 0
+    low, high = float((values - errors).min()), float((values + errors).max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return
+    pad = max(0.08 * (high - low), 0.05)
+    ax.set_ylim(low - pad, high + pad)
 
 
 def _legend_right(fig, handles, labels, title=None) -> None:
@@ -209,6 +247,9 @@ def bound_vs_k(summary: pd.DataFrame, plt, sns):
             if logp is not None:
                 ax.axhline(logp[0], color=color, linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        shown = mine[mine["kind"].isin(["bound", "log_marginal"]) & mine["label"].isin(colors)]
+        if len(_axis_values(shown)) < len(shown):  # flagged rows are drawn but do not set the axis
+            _fit_ylim(ax, _axis_values(shown)["value"], _axis_values(shown)["stderr"])
         ax.set_title(dataset)
         ax.set_xlabel("K (importance samples, log scale)")
         ax.set_ylabel(f"bound ({NATS_LABEL})")
@@ -218,7 +259,8 @@ def bound_vs_k(summary: pd.DataFrame, plt, sns):
                 Line2D([], [], color="grey", linestyle="--")]
     labels += ["ELBO (at K = 1)", "log p(x) (exact, else best estimate)"]
     _legend_right(fig, handles, labels, title="model")
-    fig.suptitle("Bound vs number of importance samples (diffusion models: see bound_vs_steps)")
+    fig.suptitle("How much does each bound tighten with more importance samples K? "
+                 "(diffusion models: see bound_vs_steps; flagged rows do not set the axes)")
     return fig
 
 
@@ -317,7 +359,7 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
         mine = points[points["dataset"] == dataset]
         bounds = mine[mine["kind"] == "bound"]
         reference = _reference_log_marginal(mine)
-        shown = [*bounds.loc[bounds["column"].isin([*styles, CONTINUOUS_ELBO]), "value"],
+        shown = [*_axis_values(bounds[bounds["column"].isin([*styles, CONTINUOUS_ELBO])])["value"],
                  *([reference[0]] if reference else [])]
         panels.append((dataset, bounds, reference, min(shown), max(shown)))
     zoomed = [_symlog_span(low, high) > SYMLOG_MIN_DECADES for *_, low, high in panels]
@@ -333,6 +375,9 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
         if wide:
             ax.set_yscale("symlog", **SYMLOG_NATS)
             ax.set_ylim(_symlog_limits(low, high))
+        else:  # the range of the rows that may set it (a row below the uniform model is drawn off the axis)
+            pad = max(0.08 * (high - low), 0.05)
+            ax.set_ylim(low - pad, high + pad)
         if rows == 1:
             continue
         zoom = axes[1, column]
@@ -353,7 +398,7 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
     blank = Line2D([], [], linestyle="none")
     _legend_right(fig, [*series_handles, blank, *style_handles], [*shown_series, "", *style_labels],
                   title="series (colour), bound (style)")
-    fig.suptitle("Bound vs number of steps: a diffusion's T and a hierarchy's L on one axis")
+    fig.suptitle("Does the bound improve with more steps? A diffusion's T and a hierarchy's L on one axis")
     return fig
 
 
@@ -385,10 +430,16 @@ def gap(summary: pd.DataFrame, plt, sns):
     if not panels:
         return None
     heights = [0.6 + 0.3 * rows["row"].nunique() for _, rows in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), max(heights) + 1.0), squeeze=False)
+    # at most GAP_COLUMNS panels side by side, so the figure stays readable at a page's width
+    columns = min(len(panels), GAP_COLUMNS)
+    fig, axes = plt.subplots(math.ceil(len(panels) / columns), columns,
+                             figsize=(6.5 * columns, (max(heights) + 1.2) * math.ceil(len(panels) / columns)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     bounds = sorted({b for _, rows in panels for b in rows["bound"]}, key=bound_order)
     colors = _palette(bounds, sns)
-    for ax, (dataset, rows) in zip(axes[0], panels):
+    for ax, (dataset, rows) in zip(axes.flat, panels):
         names = list(dict.fromkeys(rows["row"]))
         present = [b for b in bounds if b in set(rows["bound"])]
         width = 0.8 / len(present)
@@ -408,7 +459,7 @@ def gap(summary: pd.DataFrame, plt, sns):
     handles = dict(zip(*reversed(_unique_handles(fig))))
     _legend_right(fig, [handles[b] for b in bounds if b in handles], [b for b in bounds if b in handles],
                   title="bound")
-    fig.suptitle("Gap of each bound to the model's own log p(x) [reference]: one layer -> hierarchy -> diffusion")
+    fig.suptitle("How far is each bound below the model's own log p(x) [reference]?")
     return fig
 
 
@@ -418,7 +469,7 @@ def _step_position(layer: str, position: int) -> int:
     return int(numbers[-1]) if numbers else position
 
 
-def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
+def _kl_profile(ax, cells: pd.DataFrame, sns) -> int | None:
     """One line per T: the KL of the step t -> t - 1/T, times T (nats per unit time), at the step's middle.
 
     The layer with the highest index is the top one, z_1 ~ q(z_1 | x) (its KL is the prior term, not a step):
@@ -435,7 +486,7 @@ def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
         if not steps.empty:
             profiles.append((top, steps))
     if not profiles:
-        return
+        return None
     norm = colors.LogNorm(min(t for t, _ in profiles), max(max(t for t, _ in profiles), 2))
     for top, steps in sorted(profiles, key=lambda item: item[0]):
         t = (steps["i"] + 0.5) / top
@@ -446,24 +497,31 @@ def _kl_profile(ax, cells: pd.DataFrame, sns) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("time t of the step (t = 0: data)")
     ax.set_ylabel("T x KL of the step (nats per unit t)")
+    ticks = sorted({top for top, _ in profiles})
+    if len(ticks) == 1:  # one T: said in the panel's title (kl_layers), no colorbar
+        return ticks[0]
     bar = ax.figure.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, pad=0.02)
     bar.ax.minorticks_off()
-    ticks = sorted({top for top, _ in profiles})
     bar.set_ticks(ticks, labels=[str(t) for t in ticks])
     bar.set_label("trajectory steps T (log scale)")
+    return None
 
 
 def _kl_depth(ax, cells: pd.DataFrame, sns) -> None:
     """One line per config: KL of each layer against its depth (1 = next to the data)."""
     configs = cells.drop_duplicates("config_hash").sort_values("x", na_position="last")
     shades = sns.color_palette("viridis", len(configs))
-    for color, (_, config) in zip(shades, configs.iterrows()):
+    width = 0.8 / len(configs)
+    most = 0
+    for i, (color, (_, config)) in enumerate(zip(shades, configs.iterrows())):
         mine = cells[cells["config_hash"] == config["config_hash"]]
         order = natural_sorted(mine["layer"])
         mine = mine.set_index("layer").loc[order]
-        depth = np.arange(1, len(order) + 1)
-        ax.errorbar(depth, mine["value"], yerr=mine["stderr"].fillna(0), color=color, marker="o", ms=4, capsize=2,
-                    label=_point_name(config["series"], config["family"], config["x"]))
+        depth = np.arange(1, len(order) + 1) + (i - (len(configs) - 1) / 2) * width  # a bar per layer: categories
+        ax.bar(depth, mine["value"], width, yerr=mine["stderr"].fillna(0), color=color, capsize=2,
+               label=_point_name(config["series"], config["family"], config["x"]))
+        most = max(most, len(order))
+    ax.set_xticks(np.arange(1, most + 1), [f"layer {layer}" for layer in range(1, most + 1)])
     ax.set_xlabel("layer l (1: next to the data)")
     ax.set_ylabel(f"KL ({NATS_LABEL})")
     ax.legend(fontsize="x-small")
@@ -482,12 +540,13 @@ def kl_layers(summary: pd.DataFrame, plt, sns):
     fig, axes = _panels(len(groups), plt)
     for ax, ((dataset, series), cells) in zip(axes, groups):
         if cells["family"].iloc[0] == DIFFUSION:
-            _kl_profile(ax, cells, sns)
-            ax.set_title(f"{dataset}: {series}, KL per step", fontsize="medium")
+            single = _kl_profile(ax, cells, sns)
+            ax.set_title(f"{dataset}: {series}, KL per step" + (f" (T = {single})" if single else ""),
+                         fontsize="medium")
         else:
             _kl_depth(ax, cells, sns)
             ax.set_title(f"{dataset}: {series}, KL per layer", fontsize="medium")
-    fig.suptitle("KL per layer: per diffusion step along t (top layer z_1 left out), per hierarchy layer")
+    fig.suptitle("Where does the KL go? Per diffusion step along t (top layer z_1 left out), per hierarchy layer")
     return fig
 
 
@@ -498,7 +557,7 @@ def throughput(summary: pd.DataFrame, plt, sns):
         return None
     rows["K"] = rows["k"].astype(float)
     groups = list(rows.groupby(["dataset", "label"], sort=True))
-    fig, axes = _panels(len(groups), plt)
+    fig, axes = _panels(len(groups), plt, share=True)  # one scale for all: panels compare by eye
     colors = _palette(sorted(rows["estimator"].unique()), sns)
     styles = dict(zip(sorted(rows["device"].unique()), DEVICE_LINESTYLES * 4))
     markers = dict(zip(sorted(rows["estimator"].unique()), ESTIMATOR_MARKERS * 4))
@@ -514,7 +573,7 @@ def throughput(summary: pd.DataFrame, plt, sns):
         ax.set_xlabel("K (samples per example, log scale)")
         ax.set_ylabel("throughput (samples/s, log scale)")
     _legend_right(fig, *_unique_handles(fig), title="estimator, device")
-    fig.suptitle("Throughput")
+    fig.suptitle("How many samples per second does each estimator draw, as K grows? (all panels on one scale)")
     return fig
 
 
@@ -536,7 +595,19 @@ ROW_PLOTS: dict[str, Callable] = {
 
 def render_plots(summary: pd.DataFrame, results: pd.DataFrame | None = None) -> dict[str, bytes]:
     """{plot name: PNG bytes} for every plot the summary (and the result rows, where given) has data for."""
+    return {name: files["png"] for name, files in render_figures(summary, results).items()}
+
+
+def render_figures(summary: pd.DataFrame, results: pd.DataFrame | None = None,
+                   formats: tuple[str, ...] = ("png",)) -> dict[str, dict[str, bytes]]:
+    """{plot name: {format: bytes}} for every plot the summary (and the result rows) has data for: PNG for
+    pages, SVG beside it for print. Rows with a trust flag (reports.flags) are drawn but do not set axes."""
     plt, sns = plotting()
+    if results is not None and not summary.empty:
+        from reports.flags import axis_labels, flags_by_label, trust_flags
+        flagged = flags_by_label(trust_flags(results, summary), summary)
+        allowed = {(d, label) for d in summary["dataset"].unique() for label in axis_labels(summary, flagged, d)}
+        summary = summary.assign(sets_axis=[key in allowed for key in zip(summary["dataset"], summary["label"])])
     figures = [(name, plot(summary, plt, sns)) for name, plot in PLOTS.items()]
     if results is not None:
         figures += [(name, plot(results, plt, sns)) for name, plot in ROW_PLOTS.items()]
@@ -545,8 +616,10 @@ def render_plots(summary: pd.DataFrame, results: pd.DataFrame | None = None) -> 
         if fig is None:
             continue
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        images[name] = {}
+        for fmt in formats:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight")
+            images[name][fmt] = buffer.getvalue()
         plt.close(fig)
-        images[name] = buffer.getvalue()
     return images

@@ -51,15 +51,23 @@ def _md_cell(cell: pd.Series, unit: str) -> str:
     return f"**{text}**" if cell["best"] else text
 
 
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|")
+MD_SPECIALS = "\\`*_[]<>|#"
 
 
-def markdown_table(table: ComparisonTable) -> str:
-    header, body = _grid(table, _md_cell, str)
-    lines = ["| " + " | ".join(map(_md_escape, header)) + " |",
+def md_escape(text: str) -> str:
+    """Text as Markdown shows it literally: its specials (\\ ` * _ [ ] < > | #) backslash-escaped."""
+    return "".join("\\" + char if char in MD_SPECIALS else char for char in str(text))
+
+
+def markdown_table(table: ComparisonTable, flags: dict | None = None) -> str:
+    """The table in Markdown; labels and notes escaped, numbers bold where best, trust flags after the label."""
+    header, body = _grid(table, _md_cell, md_escape)
+    lines = ["| " + " | ".join(map(md_escape, header)) + " |",
              "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(map(_md_escape, line)) + " |" for line in body]
+    for line in body:
+        names = [name for name, _ in (flags or {}).get((table.dataset, line[0]), [])]
+        label = md_escape(line[0]) + (f" ({', '.join(names)})" if names else "")
+        lines.append("| " + " | ".join([label, *line[1:]]) + " |")
     return "\n".join(lines)
 
 
@@ -74,9 +82,10 @@ def tex_escape(text: str) -> str:
 
 
 def _tex_cell(cell: pd.Series, unit: str) -> str:
+    """$v \\pm e$; the best in \\mathbf inside math mode (\\textbf around $...$ leaves math unbold)."""
     value, stderr = cell_parts(cell, unit)
-    text = f"${value}$" if stderr is None else f"${value} \\pm {stderr}$"
-    return f"\\textbf{{{text}}}" if cell["best"] else text
+    text = value if stderr is None else f"{value} \\pm {stderr}"
+    return f"$\\mathbf{{{text}}}$" if cell["best"] else f"${text}$"
 
 
 def latex_table(table: ComparisonTable) -> str:
@@ -95,16 +104,30 @@ def latex_table(table: ComparisonTable) -> str:
 # ---- HTML
 
 def _html_cell(cell: pd.Series, unit: str) -> str:
-    text = html.escape(plain_text(cell, unit))
-    return f"<strong>{text}</strong>" if cell["best"] else text
+    """The cell's text (value and its stderr kept on one line) with its value for sorting in data-v."""
+    value, stderr = cell_parts(cell, unit)
+    text = html.escape(value if stderr is None else f"{value} ± {stderr}")
+    text = f"<strong>{text}</strong>" if cell["best"] else text
+    return f"<td class=\"num\" data-v=\"{float(cell['value'])!r}\">{text}</td>"
 
 
-def html_table(table: ComparisonTable) -> str:
-    header, body = _grid(table, _html_cell, html.escape)
-    out = [f"<table class=\"comparison\">\n<caption>{html.escape(table.title)}</caption>",
-           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
-    out += ["<tr><th>" + html.escape(line[0]) + "</th>" + "".join(f"<td>{c}</td>" for c in line[1:]) + "</tr>"
-            for line in body]
+def _html_flags(flags: list[tuple[str, str]]) -> str:
+    return " ".join(f"<span class=\"flag\" title=\"{html.escape(detail)}\">{html.escape(name)}</span>"
+                    for name, detail in flags)
+
+
+def html_table(table: ComparisonTable, flags: dict | None = None) -> str:
+    """A sortable table (the page's script sorts on a header click); a flags column where trust flags apply."""
+    header, body = _grid(table, _html_cell, lambda note: f"<td class=\"note\">{html.escape(note)}</td>")
+    mine = {row: (flags or {}).get((table.dataset, row), []) for row in table.rows}
+    flagged = any(mine.values())
+    names = [header[0], *(["flags"] if flagged else []), *header[1:]]
+    out = [f"<table class=\"comparison sortable\">\n<caption>{html.escape(table.title)}</caption>",
+           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in names) + "</tr></thead>", "<tbody>"]
+    for line in body:
+        cells = [c if c.startswith("<td") else "<td></td>" for c in line[1:]]
+        flag_cell = [f"<td class=\"flags\">{_html_flags(mine[line[0]])}</td>"] if flagged else []
+        out.append("<tr><th scope=\"row\">" + html.escape(line[0]) + "</th>" + "".join(flag_cell + cells) + "</tr>")
     out.append("</tbody>\n</table>")
     return "\n".join(out)
 

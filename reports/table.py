@@ -215,7 +215,7 @@ def to_bits_per_dim(table: ComparisonTable, dims: int) -> ComparisonTable:
 def mark_best(table: ComparisonTable) -> ComparisonTable:
     """Set cells["best"]: the highest (or lowest, per column) value of each marked column; ties all marked."""
     best = pd.Series(False, index=table.cells.index)
-    for column in table.columns:
+    for column in table.columns if len(table.rows) > 1 else []:  # one row: nothing to be best among
         if column.better is None:
             continue
         mine = table.cells[(table.cells["column"] == column.id) & table.cells["value"].notna()]

@@ -304,7 +304,8 @@ def test_every_format_written_with_expected_content(run_dir, tmp_path):
     assert "| skipped | VDM has no posterior means |" in md
     assert "![bound_vs_k.png](bound_vs_k.png)" in md
     tex = (out / "report.tex").read_text()
-    assert r"\textbf{$-30.00 \pm 0.45$}" in tex and r"$-30.50 \pm 0.59$" in tex
+    # bold inside math mode (\textbf around $...$ would leave the math upright and unbold)
+    assert r"$\mathbf{-30.00 \pm 0.45}$" in tex and r"$-30.50 \pm 0.59$" in tex and r"\textbf{$" not in tex
     assert all(rule in tex for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"IWAE\_50"))
     page = (out / "report.html").read_text()
     assert "<strong>-30.00 ± 0.45</strong>" in page and "-30.50 ± 0.59" in page
@@ -319,16 +320,23 @@ def test_every_format_written_with_expected_content(run_dir, tmp_path):
 
 def test_every_plot_is_a_png(run_dir, tmp_path):
     written = reports.build_report([run_dir], formats=["png"], out_dir=tmp_path / "plots")
-    assert sorted(p.name for p in written) == sorted(
-        ["bound_vs_k.png", "gap.png", "kl_layers.png", "throughput.png", "bound_vs_steps.png"])
+    stems = ["bound_vs_k", "gap", "kl_layers", "throughput", "bound_vs_steps"]
+    # each plot as PNG, with an SVG of it beside
+    assert sorted(p.name for p in written) == sorted([f"{s}.png" for s in stems] + [f"{s}.svg" for s in stems])
     for path in written:
         data = path.read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 10_000, path.name
+        if path.suffix == ".png":
+            assert data[:8] == PNG_MAGIC and len(data) > 10_000, path.name
+        else:
+            assert b"<svg" in data[:1000] and len(data) > 10_000, path.name
 
 
 def test_default_out_dir_and_formats(run_dir):
     written = reports.build_report([run_dir])
-    assert sorted(p.name for p in written) == ["report.html", "report.md"]
+    # report.md links the plots, so they are written beside it (PNG and SVG)
+    plots = [f"{s}.{fmt}" for s in ["bound_vs_k", "gap", "kl_layers", "throughput", "bound_vs_steps"]
+             for fmt in ("png", "svg")]
+    assert sorted(p.name for p in written) == sorted(["report.html", "report.md", *plots])
     assert all(p.parent == run_dir / "report" for p in written)
 
 

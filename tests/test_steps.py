@@ -84,7 +84,10 @@ def test_the_evaluations_share_one_training_run_and_differ_only_in_T(steps_run):
     run_dir, cache = steps_run
     rows = [r for r in read_rows(run_dir)[0] if r["model"] == "vdm"]
     train_rows = [r for r in rows if r["estimator"] == "train"]
-    assert len(train_rows) == 1 and train_rows[0]["model_config"] == VDM_CONFIG
+    # one training cell: its train_seconds row and its training curve (rows valid_elbo/<step>)
+    assert len({r["cell_id"] for r in train_rows}) == 1
+    assert [r["metric"] for r in train_rows].count("train_seconds") == 1
+    assert all(r["model_config"] == VDM_CONFIG for r in train_rows)
     assert len(list(cache.glob("vdm--mixture-2d--*.pt"))) == 1  # one checkpoint, keyed by the trained config
     evaluated = [r for r in rows if r["estimator"] != "train"]
     configs = {json.dumps(r["model_config"], sort_keys=True) for r in evaluated}

@@ -93,8 +93,8 @@ def _fit_cells(task: FitTask, dataset: Dataset) -> Iterator[CellResult]:
     fit, device = task.fit, task.device
     rows = FitRows(task.run_id, fit, device)
     try:
-        model, train_seconds = _train_or_build(fit, dataset, device=device, cache_dir=task.cache_dir,
-                                               progress=task.progress)
+        model, train_seconds, history = _train_or_build(fit, dataset, device=device, cache_dir=task.cache_dir,
+                                                        progress=task.progress)
         _check_finite_parameters(model)
     except Exception as exc:  # noqa: BLE001  a failed fit fails its cells; the run goes on
         error = f"training failed: {error_text(exc)}"
@@ -109,7 +109,7 @@ def _fit_cells(task: FitTask, dataset: Dataset) -> Iterator[CellResult]:
         if cell.spec is None:
             row = rows.measured(cell, metric="train_seconds", value=train_seconds, unit="s", k=None,
                                 n_examples=n_train, wall_s=train_seconds)
-            yield CellResult(task.index, cell.cell_id, (row,), "ok", None)
+            yield CellResult(task.index, cell.cell_id, (row, *_curve_rows(rows, cell, fit, history)), "ok", None)
             continue
         if cell.evaluation.label not in evaluated:
             evaluated[cell.evaluation.label] = _evaluated_model(fit, cell.evaluation, model, dataset, device)
@@ -136,15 +136,27 @@ def _evaluated_model(fit: Fit, evaluation: Evaluation, trained: torch.nn.Module,
 
 
 def _train_or_build(fit: Fit, dataset, *, device: torch.device, cache_dir: Path | None,
-                    progress: bool) -> tuple[torch.nn.Module, float]:
-    """The fit's trained model (bench.train trains it or loads its checkpoint) and its training seconds."""
+                    progress: bool) -> tuple[torch.nn.Module, float, list[dict]]:
+    """The fit's trained model (bench.train trains it or loads its checkpoint), its training seconds and
+    its training history (bench.train.loop: one entry at step 0, every eval_every steps and the last)."""
     built = build_model(fit.model.name, fit.model_config, dataset)
     if not any(p.requires_grad for p in built.parameters()):
         # Nothing to fit (a closed-form oracle): it is evaluated as built, and its training took no time.
-        return built.to(device).eval(), 0.0
+        return built.to(device).eval(), 0.0, []
     result = train_model(fit.model.name, fit.model_config, dataset, fit.train_config,
                          device=device, cache_dir=cache_dir, progress=progress)
-    return result.model, result.train_seconds
+    return result.model, result.train_seconds, result.history
+
+
+TRAINING_CURVE_METRIC = "valid_elbo"  # rows "valid_elbo/<step>": the training curve, read by reports.flags
+
+
+def _curve_rows(rows: FitRows, cell: Cell, fit: Fit, history: list[dict]) -> list[ResultRow]:
+    """The training curve as rows of the training cell: the validation ELBO at each recorded step, so a
+    report can tell whether training had converged (the curve still rising at its end)."""
+    return [rows.measured(cell, metric=f"{TRAINING_CURVE_METRIC}/{int(entry['step'])}", value=entry["valid_elbo"],
+                          unit="nats", k=None, n_examples=fit.train_config.eval_examples, wall_s=entry.get("seconds"))
+            for entry in history if entry.get("valid_elbo") is not None]
 
 
 def _check_finite_parameters(model: torch.nn.Module) -> None:
