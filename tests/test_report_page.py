@@ -70,6 +70,7 @@ def test_page_shows_flags_summary_definitions_and_settings(tmp_path):
     assert "| vdm (weights, below uniform) |" in md
 
 
+@pytest.mark.slow  # 4 s: two whole reports with plots
 def test_a_crash_while_writing_leaves_the_previous_report_whole(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run", digits_rows())
     out = tmp_path / "out"

@@ -378,6 +378,7 @@ def test_cli_exit_codes(run_dir, tmp_path, capsys):
     assert cli.main(_parse([str(tmp_path / "missing")])) == 2
 
 
+@pytest.mark.slow  # 3.5 s: a fresh interpreter builds a report
 def test_reports_does_not_import_torch(run_dir, tmp_path):
     code = ("import sys, reports; from pathlib import Path; "
             f"reports.build_report([Path({str(run_dir)!r})], formats=['md', 'csv'], out_dir=Path({str(tmp_path)!r})); "

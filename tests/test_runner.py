@@ -115,6 +115,7 @@ def test_smoke_values_match_the_estimators_called_directly(smoke_run):
     assert [(r["method"], r["k"], r["mc_stderr"]) for r in exact] == [("exact", None, 0.0)]
 
 
+@pytest.mark.slow  # 7 s: a SIGKILLed subprocess run and its resume
 def test_killed_run_resumes_to_the_same_rows(smoke_run, tmp_path):
     reference_dir, cache = smoke_run
     run_dir = tmp_path / "run"
