@@ -26,6 +26,8 @@ def flagged_rows() -> list[dict]:
     rows.append(_row("digits", "vdm", config, 0, "iwae", 50, "iwae", -900.0, 2.0))
     rows.append(_row("digits", "vdm", config, 0, "iwae", 50, "ess", 1.02, None, unit="samples"))
     rows.append(_row("digits", "vdm", config, 0, "iwae", 50, "khat_share", 0.25, None, unit="share"))
+    # a tenth of the vae's examples above k-hat 0.7: under UNRELIABLE_SHARE (0.2), so no weights flag
+    rows.append(_row("digits", "vae", {}, 0, "iwae", 50, "khat_share", 0.1, None, unit="share"))
     for step, value in ((0, -60.0), (100, -35.0), (200, -31.0)):  # 4 nats in 100 steps: 8 more in 200
         row = _row("digits", "vae", {}, 0, "train", None, f"valid_elbo/{step}", value, None)
         rows.append({**row, "split": "train", "cell_id": "digits/vae/0/train"})
@@ -44,7 +46,7 @@ def test_flags_are_computed_from_the_rows(tmp_path):
     assert f"{-DIGITS_DIMS * math.log(2):.1f}" in vdm["below uniform"] and "IWAE_50 -900.0" in vdm["below uniform"]
     assert "25% of examples" in vdm["weights"]  # k-hat share found before the ESS; one weights flag per model
     rose = "validation ELBO rose 4.00 nats over the last 100 of 200 steps"
-    assert dict(flags[("digits", "vae")]) == {"not converged": rose}
+    assert dict(flags[("digits", "vae")]) == {"not converged": rose}  # no weights flag at a 10% k-hat share
     assert ("digits", "iwae") not in flags  # its curve is flat at the end
     raw = trust_flags(results, summary)
     failed = raw[raw["flag"] == "failed or skipped"]

@@ -69,16 +69,14 @@ from dataclasses import dataclass
 
 from scipy import stats
 
+from reports.flags import UNRELIABLE_SHARE  # one rule for the check and the report's weights flag
+
 from .cells import CellKey, cell_key
 
 # Defaults of the tolerance; the module docstring says why each has its value.
 DEFAULT_Z = 4.0
 DEFAULT_FLOOR_NATS = 0.05
 DEFAULT_THROUGHPUT_ALPHA = 0.01  # one-sided level of the Mann-Whitney U test on timing samples
-# A cell with k-hat > 0.7 on more than this share of its examples is unreliable (see the module docstring):
-# with a fifth of the examples' weights in the infinite-variance regime, those examples carry most of the
-# cell's Monte Carlo variance, and the normal approximation behind the z-score no longer holds.
-UNRELIABLE_SHARE = 0.2
 KHAT_SHARE = "khat_share"  # the metric holding a cell's share of examples above k-hat 0.7
 # Pairing run and baseline per example needs this many examples (the paired error then has >= 29 degrees of
 # freedom: a t tail beyond 4 has probability 5e-4 there, against 6e-5 for the normal; fewer is too heavy).
