@@ -78,7 +78,7 @@ def test_default_suite_vdm_iwae5_error_matches_the_spread_over_seeds(tmp_path):
     plan = prepare(suite)
     fit = next(f for f in plan.fits if f.model.name == "vdm")
     dataset = plan.datasets[fit.dataset]
-    model, _ = _one_thread(lambda: _train_or_build(fit, dataset, device=torch.device("cpu"), cache_dir=tmp_path,
+    model, *_ = _one_thread(lambda: _train_or_build(fit, dataset, device=torch.device("cpu"), cache_dir=tmp_path,
                                                    progress=False))
     spec = next(s for s in suite.estimators if s.name == "iwae")
     x = _evaluation_examples(suite, dataset, spec, torch.device("cpu"))

@@ -74,7 +74,7 @@ def _redrawn_rows(cache: Path, draw_seed: int) -> list[dict]:
     out = []
     for fit in plan.fits:
         dataset = plan.datasets[fit.dataset]
-        model, _ = _train_or_build(fit, dataset, device=device, cache_dir=cache, progress=False)
+        model, *_ = _train_or_build(fit, dataset, device=device, cache_dir=cache, progress=False)
         rows = FitRows("redrawn", fit, device)
         for cell in fit.cells[1:]:  # the training cell first
             evaluated = _evaluated_model(fit, cell.evaluation, model, dataset, device)
