@@ -19,6 +19,7 @@ from tqdm import tqdm
 from bench.plan.fits import Cell, Fit
 from bench.plan.suite import Suite
 from reports.schema import PER_EXAMPLE_DECIMALS, ResultRow
+from vaes.base import MissingCapability
 
 from .device import release_memory
 from .evaluators import ESTIMATORS, EstimatorKind, Measurement, NotApplicable
@@ -90,7 +91,7 @@ def evaluate_cell(suite: Suite, model, x: Tensor, cell: Cell, fit: Fit, rows: Fi
             bad = int((~torch.isfinite(values)).sum())
             if bad:
                 raise FloatingPointError(f"{metric} is not finite for {bad} of {values.numel()} examples")
-    except NotApplicable as exc:
+    except (NotApplicable, MissingCapability) as exc:  # nothing to measure on this model
         return [rows.skipped(cell, metric=kind.primary_metric, reason=str(exc))], "skipped", None
     except Exception as exc:  # noqa: BLE001  exceptions, NaN and out-of-memory become failed rows
         release_memory(device)
