@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from reports.page import html_page
-from reports.render import latex_table, markdown_table, md_escape, tex_escape
+from reports.render import latex_table, markdown_table, md_escape, shown_tables, tex_escape
 from reports.table import ComparisonTable
 
 PROVENANCE_FIELDS = ("run_id", "git_commit", "versions", "device", "device_name", "threads", "command",
@@ -41,7 +41,7 @@ def markdown_document(tables: list[ComparisonTable], manifests: dict, failed: pd
                       plot_files: list[str], flags: dict | None = None) -> str:
     parts = ["# elbo-bench report", "", SEED_NOTE, "Best value per column in bold; trust flags in brackets after a "
              "model (see the HTML report's definitions).", ""]
-    for table in tables:
+    for table in shown_tables(tables):  # wide tables in parts
         parts += [f"## {md_escape(table.title)}", "", markdown_table(table, flags), ""]
     if plot_files:
         parts += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]  # our own file names
@@ -55,9 +55,9 @@ def markdown_document(tables: list[ComparisonTable], manifests: dict, failed: pd
 
 def _markdown_failed(failed: pd.DataFrame) -> list[str]:
     if failed.empty:
-        return ["## Failed or skipped cells", "", "None.", ""]
+        return ["## Failed and not-applicable cells", "", "None.", ""]
     table = failed_table(failed)
-    lines = ["## Failed or skipped cells", "", "| " + " | ".join(table.columns) + " |",
+    lines = ["## Failed and not-applicable cells", "", "| " + " | ".join(table.columns) + " |",
              "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(md_escape(v).replace("\n", " ") for v in row) + " |"
               for row in table.itertuples(index=False)]
@@ -69,7 +69,7 @@ def _markdown_failed(failed: pd.DataFrame) -> list[str]:
 def latex_document(tables: list[ComparisonTable]) -> str:
     """The tables as LaTeX fragments (needs \\usepackage{booktabs})."""
     header = ["% elbo-bench comparison tables; needs \\usepackage{booktabs}", f"% {tex_escape(SEED_NOTE)}", ""]
-    return "\n".join(header + [latex_table(t) + "\n" for t in tables])
+    return "\n".join(header + [latex_table(t) + "\n" for t in shown_tables(tables)])
 
 
 # ---- HTML

@@ -13,7 +13,9 @@ that shows it:
 * "not converged": the validation ELBO of the training curve (rows valid_elbo/<step>) still rises at its end:
   training as long again at the rate of its last interval would gain more than CONVERGED_NATS. (A share of
   the whole rise would miss a model that started thousands of nats off and still gains 2 nats a step window.)
-* "failed or skipped": some cell of the model has no value (status failed or skipped).
+* "failed": some measurement of the model raised an error or gave no finite number (status failed). A skipped
+  cell (status skipped: the estimator does not apply to the model, e.g. active units of a model without posterior
+  means) is no reason for distrust and raises no flag; the tables show it as a dash (reports.render).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ CONVERGED_NATS = 1.0  # of the projected gain over as many steps again
 # plotted at their scale (at K = 5000 a few heavy-tailed examples are common, and every row would lose its axis).
 SEVERE = ("below uniform", "ESS ")
 FLAG_COLUMNS = [*CONFIG_KEYS, "flag", "detail"]
+FAILED = "failed"  # the row status, and the flag's name
 
 
 def _weights(ok: pd.DataFrame) -> list[dict]:
@@ -91,10 +94,11 @@ def _not_converged(ok: pd.DataFrame) -> list[dict]:
     return flags
 
 
-def _failed_or_skipped(results: pd.DataFrame) -> list[dict]:
+def _failed(results: pd.DataFrame) -> list[dict]:
     bad = failed_rows(results)
-    return [{**dict(zip(CONFIG_KEYS, keys)), "flag": "failed or skipped",
-             "detail": f"{rows['cell_id'].nunique()} cell(s) failed or skipped: "
+    bad = bad[bad["status"] == FAILED]
+    return [{**dict(zip(CONFIG_KEYS, keys)), "flag": FAILED,
+             "detail": f"{rows['cell_id'].nunique()} cell(s) failed: "
                        + ", ".join(sorted(set(rows["estimator"].astype(str))))}
             for keys, rows in bad.groupby(CONFIG_KEYS, sort=False)]
 
@@ -104,7 +108,7 @@ def trust_flags(results: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     kind per config; the first found is kept)."""
     ok = ok_rows(results)
     ok = ok[ok["value"].notna()]
-    records = [*_weights(ok), *_below_uniform(summary), *_not_converged(ok), *_failed_or_skipped(results)]
+    records = [*_weights(ok), *_below_uniform(summary), *_not_converged(ok), *_failed(results)]
     flags = pd.DataFrame.from_records(records, columns=FLAG_COLUMNS)
     return flags.drop_duplicates([*CONFIG_KEYS, "flag"]).reset_index(drop=True)
 

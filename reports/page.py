@@ -8,7 +8,7 @@ import json
 
 import pandas as pd
 
-from reports.render import html_table
+from reports.render import NOT_APPLICABLE, html_table, shown_tables
 from reports.table import ComparisonTable
 
 STYLE = """
@@ -16,10 +16,12 @@ body { font-family: system-ui, sans-serif; margin: 1.5em 2em; color: #222; max-w
 table { border-collapse: collapse; margin: 0.6em 0 1.4em; font-size: 0.78em; }
 caption { text-align: left; font-weight: 600; padding: 0.3em 0; }
 th, td { border-bottom: 1px solid #ccc; padding: 0.2em 0.4em; text-align: right; white-space: nowrap; }
-td.flags { white-space: normal; min-width: 7em; max-width: 12em; }
-th:first-child, td.note, td.flags, table.meta td, table.failed td { text-align: left; }
+thead th { white-space: normal; vertical-align: bottom; }
+div.flags { white-space: normal; font-weight: normal; max-width: 16em; margin-top: 0.15em; }
+td.na { color: #888; cursor: help; }
+th:first-child, td.note, table.meta td, table.failed td { text-align: left; }
 td.note { color: #555; font-size: 0.92em; }
-table.failed td { white-space: normal; }
+table.failed td, table.meta td { white-space: normal; overflow-wrap: anywhere; }
 thead th { border-bottom: 2px solid #444; position: relative; }
 table.sortable thead th { cursor: pointer; }
 table.sortable thead th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 0.7em; }
@@ -53,7 +55,10 @@ function sortBy(th) {
 }
 document.querySelectorAll('table.sortable thead th').forEach(th => th.addEventListener('click', () => sortBy(th)));
 function selftest() {
-  const out = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+  // a table that scrolls inside its box does not widen the page: each box is checked too
+  const boxes = Array.from(document.querySelectorAll('.scroll')).map(b => ({id: b.id, scrollWidth: b.scrollWidth,
+                                                                           clientWidth: b.clientWidth}));
+  const out = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth, boxes: boxes,
                images: Array.from(document.images).map(im => ({alt: im.alt, naturalWidth: im.naturalWidth})),
                summary: document.getElementById('summary').textContent, sorted: null};
   const table = document.querySelector('table.sortable');
@@ -113,9 +118,13 @@ DEFINITIONS = [
     ("k-hat", "Pareto shape of the largest importance weights per example (PSIS). Above 0.7 the weights' variance is "
               "effectively infinite and the estimate unreliable."),
     ("ESS", "Effective sample size of the K importance weights, (sum w)^2 / sum w^2: near 1 means one draw dominates."),
-    ("flags", "Computed from the rows: weights (k-hat > 0.7 on some examples, or ESS about 1), below uniform (a bound "
-              "under -D log 2 on D binary dims), not converged (validation ELBO still rising at the end of training), "
-              "failed or skipped (a cell without a value). Hover a flag for its numbers."),
+    ("flags", "Computed from the rows, beside a model that should not be taken at face value: weights (k-hat > 0.7 "
+              "on more than 20% of examples, or ESS about 1), below uniform (a bound under -D log 2 on D binary "
+              "dims), not converged (validation ELBO still rising at the end of training), failed (a measurement "
+              "that raised an error or gave no finite number). Hover a flag for its numbers."),
+    (f"{NOT_APPLICABLE} (dash)", "Not applicable: the estimator does not apply to this model (active units of a "
+                                 "model without posterior means, say); not a failure and no reason for distrust. "
+                                 "Hover it for the reason. An empty cell: not measured in these runs."),
 ]
 
 
@@ -190,11 +199,10 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
               images: dict[str, bytes], plot_note: str | None, *, summary: pd.DataFrame | None, flags: dict,
               provenance: list, seed_note: str) -> str:
     sections = [("summary", "Summary"), ("tables", "Tables"), ("plots", "Plots"), ("definitions", "Definitions"),
-                ("settings", "Settings"), ("provenance", "Provenance"), ("failed", "Failed or skipped cells")]
+                ("settings", "Settings"), ("provenance", "Provenance"), ("failed", "Failed and not-applicable cells")]
     toc = "".join(f"<li><a href=\"#{a}\">{_e(t)}</a></li>" for a, t in sections)
-    short = [t.title.split(" (bounds")[0].split(" =")[0] for t in tables]  # "digits (test), gap"
-    table_links = "".join(f"<li><a href=\"#t-{_anchor(t.title)}\">{_e(name)}</a></li>"
-                          for t, name in zip(tables, short, strict=True))
+    tables = shown_tables(tables)  # wide tables in parts, each fitting the page
+    table_links = "".join(f"<li><a href=\"#t-{_anchor(t.title)}\">{_e(t.short_title)}</a></li>" for t in tables)
     plot_links = "".join(f"<li><a href=\"#p-{_anchor(n)}\">{_e(n)}</a></li>" for n in images)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width\"><title>elbo-bench report</title>",
@@ -202,7 +210,9 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
              f"<section id=\"summary\"><h2>Summary</h2>{_summary(summary, flags)}</section>",
              f"<nav><h2>Contents</h2><ul>{toc}</ul><ul>{table_links}{plot_links}</ul></nav>",
              f"<section id=\"tables\"><h2>Tables</h2><p>{_e(seed_note)} Best value per column in bold (not in a "
-             "one-row table). Click a column header to sort. Hover a flag for its numbers.</p>"]
+             "one-row table). Click a column header to sort. Hover a flag for its numbers, a dash "
+             f"({NOT_APPLICABLE}: not applicable) for its reason. Wide tables come in parts (bounds, diagnostics), "
+             "each row's label repeated.</p>"]
     for table in tables:
         parts.append(f"<div class=\"scroll\" id=\"t-{_anchor(table.title)}\">{html_table(table, flags)}</div>")
     parts.append("</section><section id=\"plots\"><h2>Plots</h2>")
@@ -222,7 +232,7 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
         rows = "".join(f"<tr><th>{_e(f)}</th><td>{_e(t)}</td></tr>" for f, t in fields)
         parts.append(f"<div class=\"scroll\"><table class=\"meta\"><caption>{_e(run_dir)}</caption>{rows}</table>"
                      "</div>")
-    parts.append("</section><section id=\"failed\"><h2>Failed or skipped cells</h2>")
+    parts.append("</section><section id=\"failed\"><h2>Failed and not-applicable cells</h2>")
     if failed is None:
         parts.append("<p>None.</p>")
     else:

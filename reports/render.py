@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+from dataclasses import replace
 
 import pandas as pd
 
@@ -16,13 +17,76 @@ NOTE_COLUMNS = {"log p(x)": "log p(x) from", "published NLL": "source",
 NOTE_KINDS = {"ais": "on", "bdmc_gap": "BDMC [lower, upper]"}
 
 
+NOT_APPLICABLE = "–"  # a cell of an estimator that does not apply to the row's model (its row was skipped)
+
+
 def _note_header(column) -> str | None:
     return NOTE_COLUMNS.get(column.id) or NOTE_KINDS.get(column.kind)
 
 
-def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], list[list[str]]]:
-    """Header and body rows of a table, each cell rendered by the given functions; the
-    log p(x) source (or a gap table's reference) follows its column as a short note."""
+# ---- Wide tables in parts
+
+# About the characters of a table row that fit a 1400 px window in the HTML page (table text at 0.78 of 16 px: a
+# digit about 7 px, a cell's padding about 2 characters); Markdown and LaTeX split at the same place.
+TABLE_CHARS = 165
+CELL_PAD = 2
+# Which columns go together when a table is too wide: the bounds with their reference, the sampling estimates of
+# log p(x), the diagnostics; any other kind of column follows in a last part.
+PARTS = (("bounds", ("seeds", "bound", "log_marginal")), ("log p(x) by AIS and BDMC", ("ais", "bdmc_gap")),
+         ("diagnostics", ("kl", "kl_total", "active_units", "throughput")))
+
+
+def _column_chars(table: ComparisonTable, column) -> int:
+    """Characters one column (with its note column) takes: its widest cell, or its header's longest word
+    (headers may wrap between words, numbers never)."""
+    mine = table.cells[(table.cells["column"] == column.id) & table.cells["value"].notna()]
+    texts = [plain_text(cell, table.unit) for _, cell in mine.iterrows()]
+    words = column.id.split()
+    width = max([len(t) for t in texts] + [len(w) for w in words]) + CELL_PAD
+    note = _note_header(column)
+    if note:
+        notes = [str(n) for n in mine["note"]] if "note" in mine else []
+        width += max([len(n) for n in notes] + [len(w) for w in note.split()]) + CELL_PAD
+    return width
+
+
+def split_wide(table: ComparisonTable) -> list[ComparisonTable]:
+    """The table as it is where it fits TABLE_CHARS; else in parts (PARTS, each cut again where it alone is too
+    wide), every part with all rows, the row labels repeated."""
+    widths = {column.id: _column_chars(table, column) for column in table.columns}
+    labels = max([len(row) for row in table.rows] + [len("model")]) + CELL_PAD
+    if labels + sum(widths.values()) <= TABLE_CHARS:
+        return [table]
+    kinds = {kind: name for name, members in PARTS for kind in members}
+    groups: dict[str, list] = {}
+    for column in table.columns:
+        groups.setdefault(kinds.get(column.kind, "more"), []).append(column)
+    parts = []
+    for name, columns in groups.items():
+        chunks, used = [[]], labels
+        for column in columns:
+            if chunks[-1] and used + widths[column.id] > TABLE_CHARS:
+                chunks.append([])
+                used = labels
+            chunks[-1].append(column)
+            used += widths[column.id]
+        for i, chunk in enumerate(chunks, start=1):
+            ids = {column.id for column in chunk}
+            parts.append(replace(table, columns=chunk, cells=table.cells[table.cells["column"].isin(ids)],
+                                 part=name if len(chunks) == 1 else f"{name} ({i} of {len(chunks)})"))
+    return parts
+
+
+def shown_tables(tables: list[ComparisonTable]) -> list[ComparisonTable]:
+    """The tables as documents show them: wide ones in parts (split_wide)."""
+    return [part for table in tables for part in split_wide(table)]
+
+
+def _grid(table: ComparisonTable, render_cell, render_note, render_na=lambda reason: NOT_APPLICABLE
+          ) -> tuple[list[str], list[list[str]]]:
+    """Header and body rows of a table, each cell rendered by the given functions (a column not applicable to the
+    row's model by render_na, from its reason); the log p(x) source (or a gap table's reference) follows its column
+    as a short note."""
     header = ["model"]
     for column in table.columns:
         header.append(column.id)
@@ -37,7 +101,8 @@ def _grid(table: ComparisonTable, render_cell, render_note) -> tuple[list[str], 
             except KeyError:
                 cell = None
             empty = cell is None or pd.isna(cell["value"])  # e.g. no difference across protocols
-            line.append("" if empty else render_cell(cell, table.unit))
+            reason = table.not_applicable.get((row, column.id))
+            line.append(render_cell(cell, table.unit) if not empty else "" if reason is None else render_na(reason))
             if _note_header(column):
                 line.append("" if cell is None else render_note(cell["note"]))
         body.append(line)
@@ -89,7 +154,7 @@ def _tex_cell(cell: pd.Series, unit: str) -> str:
 
 
 def latex_table(table: ComparisonTable) -> str:
-    header, body = _grid(table, _tex_cell, tex_escape)
+    header, body = _grid(table, _tex_cell, tex_escape, lambda reason: "--")
     lines = [
         r"\begin{table}[ht]", r"\centering", r"\small",
         f"\\caption{{{tex_escape(table.title)}; mean $\\pm$ standard error over examples and seeds, best in bold}}",
@@ -116,18 +181,21 @@ def _html_flags(flags: list[tuple[str, str]]) -> str:
                     for name, detail in flags)
 
 
+def _html_not_applicable(reason: str) -> str:
+    return f"<td class=\"na\" title=\"not applicable: {html.escape(reason)}\">{NOT_APPLICABLE}</td>"
+
+
 def html_table(table: ComparisonTable, flags: dict | None = None) -> str:
-    """A sortable table (the page's script sorts on a header click); a flags column where trust flags apply."""
-    header, body = _grid(table, _html_cell, lambda note: f"<td class=\"note\">{html.escape(note)}</td>")
+    """A sortable table (the page's script sorts on a header click); a row's trust flags under its label."""
+    header, body = _grid(table, _html_cell, lambda note: f"<td class=\"note\">{html.escape(note)}</td>",
+                         _html_not_applicable)
     mine = {row: (flags or {}).get((table.dataset, row), []) for row in table.rows}
-    flagged = any(mine.values())
-    names = [header[0], *(["flags"] if flagged else []), *header[1:]]
     out = [f"<table class=\"comparison sortable\">\n<caption>{html.escape(table.title)}</caption>",
-           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in names) + "</tr></thead>", "<tbody>"]
+           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
     for line in body:
         cells = [c if c.startswith("<td") else "<td></td>" for c in line[1:]]
-        flag_cell = [f"<td class=\"flags\">{_html_flags(mine[line[0]])}</td>"] if flagged else []
-        out.append("<tr><th scope=\"row\">" + html.escape(line[0]) + "</th>" + "".join(flag_cell + cells) + "</tr>")
+        flagged = f"<div class=\"flags\">{_html_flags(mine[line[0]])}</div>" if mine[line[0]] else ""
+        out.append("<tr><th scope=\"row\">" + html.escape(line[0]) + flagged + "</th>" + "".join(cells) + "</tr>")
     out.append("</tbody>\n</table>")
     return "\n".join(out)
 

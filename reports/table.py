@@ -2,12 +2,14 @@
 per (dataset, split) and unit (nats per example; bits/dim too for discrete data)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from reports.cells import bound_order, natural_sorted, sort_models, summarize
+from reports.cells import CONTINUOUS_ELBO, LOSS_ELBO, bound_order, natural_sorted, sort_models, summarize
+from reports.load import failed_rows
 from reports.gap import LOG_MARGINAL_COLUMN, PAIRED, UNPAIRED
 from reports.schema import method_settings
 from reports.units import BITS_PER_DIM, BITS_SIGN, GAP_NATS, NATS, NLL_NATS, bits_per_dim_dims, nats_to_bits_per_dim
@@ -35,10 +37,20 @@ class ComparisonTable:
     rows: list[str]           # model labels, in order
     columns: list[Column]
     cells: pd.DataFrame       # columns: row, column, kind, value, stderr, note, best
+    # (row, column) -> why the row's model has no value there (an estimator not applicable to it, e.g. active
+    # units of a model without posterior means): shown as a dash, never as a failure.
+    not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
+    part: str = ""            # which columns of a wide table this one holds ("bounds", "diagnostics"); "" all
 
     @property
     def title(self) -> str:
-        return f"{self.dataset} ({self.split}), {UNIT_CAPTIONS[self.unit]}"
+        part = f", {self.part}" if self.part else ""
+        return f"{self.dataset} ({self.split}){part}, {UNIT_CAPTIONS[self.unit]}"
+
+    @property
+    def short_title(self) -> str:
+        """"digits (test), nats: bounds", for a table of contents."""
+        return f"{self.dataset} ({self.split}), {UNIT_SHORT[self.unit]}" + (f": {self.part}" if self.part else "")
 
     def cell(self, row: str, column: str) -> pd.Series:
         """The cell at (row label, column id); KeyError when the table has none there."""
@@ -55,6 +67,8 @@ UNIT_CAPTIONS = {
     GAP_NATS: ("gap = the model's own best log p(x) - each of its bounds, nats per example, with paired standard "
                "errors (per-example differences of cells that share examples and draws)"),
 }
+
+UNIT_SHORT = {NATS: "nats", BITS_PER_DIM: "bits/dim", NLL_NATS: "published NLL", GAP_NATS: "gap"}
 
 
 def _kl_cells(s: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -102,7 +116,8 @@ def _throughput(s: pd.DataFrame, rows: list[str]) -> tuple[list[dict], list[str]
                 cells.append({"row": row, "column": f"samples/s ({device})", "kind": "throughput",
                               "value": found["value"].iloc[0], "stderr": found["stderr"].iloc[0],
                               "note": f"at {tightest['column']}"})
-    return cells, [f"samples/s ({device})" for device in devices]
+    found = {cell["column"] for cell in cells}  # a device timed only at bounds other than the tightest: no column
+    return cells, [column for column in (f"samples/s ({device})" for device in devices) if column in found]
 
 
 def _log_marginal_note(cell: pd.Series) -> str:
@@ -209,7 +224,8 @@ def to_bits_per_dim(table: ComparisonTable, dims: int) -> ComparisonTable:
             cells.loc[mine, ["value", "stderr"]] = np.array(converted, dtype=float)
     columns = [Column(c.id, c.kind, FLIPPED[c.better] if c.better and BITS_SIGN.get(c.kind, 1.0) < 0 else c.better)
                for c in table.columns]
-    return ComparisonTable(table.dataset, table.split, BITS_PER_DIM, table.rows, columns, cells)
+    return ComparisonTable(table.dataset, table.split, BITS_PER_DIM, table.rows, columns, cells,
+                           not_applicable=table.not_applicable)
 
 
 def mark_best(table: ComparisonTable) -> ComparisonTable:
@@ -227,6 +243,38 @@ def mark_best(table: ComparisonTable) -> ComparisonTable:
     return table
 
 
+# A skipped estimator (its cell's row has status skipped: not applicable to the model) -> the table columns it
+# would have filled; the row's model has a dash there, not a gap.
+FILLS: dict[str, Callable[[Column], bool]] = {
+    "active_units": lambda c: c.kind == "active_units",
+    "kl_terms": lambda c: c.kind in ("kl", "kl_total"),
+    "log_marginal": lambda c: c.kind == "log_marginal",
+    "ais": lambda c: c.kind == "ais",
+    "bdmc": lambda c: c.kind == "bdmc_gap",
+    "diffusion_elbo": lambda c: c.id in (LOSS_ELBO, CONTINUOUS_ELBO),
+}
+
+
+def not_applicable(df: pd.DataFrame, s: pd.DataFrame, table: ComparisonTable) -> dict[tuple[str, str], str]:
+    """(row, column) -> the skip's reason, for each column without a value that a skipped estimator of the row's
+    model would have filled (FILLS)."""
+    bad = failed_rows(df)
+    skipped = bad[(bad["status"] == "skipped") & (bad["dataset"] == table.dataset) & (bad["split"] == table.split)]
+    labels = s.drop_duplicates(["model", "config_hash"]).set_index(["model", "config_hash"])["label"]
+    has_value = set(zip(table.cells.loc[table.cells["value"].notna(), "row"],
+                        table.cells.loc[table.cells["value"].notna(), "column"]))
+    found = {}
+    for _, row in skipped.iterrows():
+        label = labels.get((row["model"], row["config_hash"]))
+        fills = FILLS.get(row["estimator"])
+        if label is None or fills is None:
+            continue
+        for column in table.columns:
+            if fills(column) and (label, column.id) not in has_value:
+                found[(label, column.id)] = str(row["error"] or "not applicable to this model")
+    return found
+
+
 def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
     """Every comparison table of a results frame: per (dataset, split) in nats, and in bits/dim for discrete data."""
     summary = summarize(df)
@@ -235,6 +283,7 @@ def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
         return tables
     for (dataset, split), s in summary.groupby(["dataset", "split"], sort=True):
         nats = _nats_table(s, dataset, split)
+        nats.not_applicable = not_applicable(df, s, nats)
         tables.append(mark_best(nats))
         dims = bits_per_dim_dims(s)
         if dims is not None:

@@ -49,10 +49,12 @@ def test_flags_are_computed_from_the_rows(tmp_path):
     assert dict(flags[("digits", "vae")]) == {"not converged": rose}  # no weights flag at a 10% k-hat share
     assert ("digits", "iwae") not in flags  # its curve is flat at the end
     raw = trust_flags(results, summary)
-    failed = raw[raw["flag"] == "failed or skipped"]
-    # the T=1 vdm has no value at all: flagged, though no table row holds it (the failed cells section does)
+    failed = raw[raw["flag"] == "failed"]
+    # the T=1 vdm's ELBO failed: flagged, though no table row holds it (the failed cells section does); its skipped
+    # active units (not applicable: no posterior means) are no reason for distrust and are not counted
     assert list(failed["config_hash"]) == ["h-vdm-steps1-timediscrete"]
-    assert failed["detail"].iloc[0] == "2 cell(s) failed or skipped: active_units, elbo"
+    assert failed["detail"].iloc[0] == "1 cell(s) failed: elbo"
+    assert set(raw["flag"]) == {"weights", "below uniform", "not converged", "failed"}  # no flag for a skip
     # rows below the uniform model (or with ESS about 1) never set the axes; a not-converged one does
     assert axis_labels(summary, flags, "digits") == {"iwae", "vae"}
 
