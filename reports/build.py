@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -16,6 +17,9 @@ from reports.published import published_tables
 from reports.render import tables_csv
 from reports.schema import write_atomic
 from reports.table import ComparisonTable, build_tables
+
+if TYPE_CHECKING:  # the plotting module is imported lazily (tables need no plotting library)
+    from reports.plots import Figures
 
 DEFAULT_FORMATS = ("md", "html")
 REPORT_SUBDIR = "report"
@@ -30,10 +34,11 @@ class ReportInputs:
     manifests: dict
     summary: pd.DataFrame | None = None
     flags: dict | None = None  # (dataset, row label) -> [(flag, detail), ...] (reports.flags)
-    _figures: dict[str, dict[str, bytes]] | None = None
+    _figures: Figures | None = None
 
-    def figures(self) -> dict[str, dict[str, bytes]]:
-        """The plots as {name: {"png": bytes, "svg": bytes}} (rendered once; ReportError without the [plot] extra)."""
+    def figures(self) -> Figures:
+        """The plots as {name: {"png": bytes, "svg": bytes}}, and those not drawn with why (rendered once;
+        ReportError without the [plot] extra)."""
         if self._figures is None:
             from reports.plots import render_figures  # lazy: tables need no plotting library
             self._figures = render_figures(self.summary, self.results, formats=("png", "svg"))
@@ -41,7 +46,14 @@ class ReportInputs:
 
     def images(self) -> dict[str, bytes]:
         """The plots as PNG bytes."""
-        return {name: files["png"] for name, files in self.figures().items()}
+        return {name: files["png"] for name, files in self.figures().files.items()}
+
+    def not_drawn(self) -> dict[str, str]:
+        """Plots left out on purpose: name -> why ({} without the [plot] extra)."""
+        try:
+            return self.figures().not_drawn
+        except ReportError:
+            return {}
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
@@ -57,7 +69,7 @@ def _write(path: Path, text: str) -> list[Path]:
 def _write_png(inputs: ReportInputs, out_dir: Path) -> list[Path]:
     """Each plot as PNG, with an SVG of it beside."""
     paths = []
-    for name, files in inputs.figures().items():
+    for name, files in inputs.figures().files.items():
         for fmt, payload in files.items():
             path = out_dir / f"{name}.{fmt}"
             write_bytes_atomic(path, payload)
@@ -71,7 +83,8 @@ def _write_html(inputs: ReportInputs, out_dir: Path) -> list[Path]:
     except ReportError as exc:  # the HTML report still holds the tables without the [plot] extra
         images, note = {}, f"No plots: {exc}"
     return _write(out_dir / "report.html", html_document(inputs.tables, inputs.manifests, inputs.failed, images, note,
-                                                         summary=inputs.summary, flags=inputs.flags))
+                                                         summary=inputs.summary, flags=inputs.flags,
+                                                         not_drawn=inputs.not_drawn()))
 
 
 def _write_md(inputs: ReportInputs, out_dir: Path, plot_files: list[str]) -> list[Path]:
@@ -84,7 +97,8 @@ def _write_md(inputs: ReportInputs, out_dir: Path, plot_files: list[str]) -> lis
         except ReportError:
             written = []
         plot_files = [p.name for p in written if p.suffix == ".png"]
-    text = markdown_document(inputs.tables, inputs.manifests, inputs.failed, plot_files, flags=inputs.flags)
+    text = markdown_document(inputs.tables, inputs.manifests, inputs.failed, plot_files, flags=inputs.flags,
+                             not_drawn=inputs.not_drawn())
     return written + _write(out_dir / "report.md", text)
 
 

@@ -165,6 +165,25 @@ def per_seed_cells(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def throughput_quartiles(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per (model config, throughput column): the quartiles q1, q2, q3 of the throughput of every timed call,
+    all seeds and repeats pooled. A row's timing_s holds the seconds of each timed call and its wall_s their
+    median, at which its value (samples/s) was taken: a call drew value x wall_s samples, so took that many
+    samples / its seconds. Rows without timing_s (written before rows carried it) give no quartiles."""
+    timed = cells[(cells["kind"] == "throughput") & cells["timing_s"].map(lambda t: isinstance(t, list) and len(t) > 0)
+                  & cells["wall_s"].notna()]
+    columns = [*MODEL_KEYS, "kind", "column", "q1", "q2", "q3"]
+    if timed.empty:
+        return pd.DataFrame(columns=columns)
+    per_call = timed.assign(rate=[value * wall / np.asarray(times, dtype=float) for value, wall, times
+                                  in zip(timed["value"], timed["wall_s"], timed["timing_s"], strict=True)])
+    records = []
+    for keys, group in per_call.groupby([*MODEL_KEYS, "kind", "column"], dropna=False, sort=False):
+        q1, q2, q3 = np.percentile(np.concatenate(list(group["rate"])), [25, 50, 75])
+        records.append({**dict(zip([*MODEL_KEYS, "kind", "column"], keys)), "q1": q1, "q2": q2, "q3": q3})
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
 def combine_seeds(values: np.ndarray, stderrs: np.ndarray) -> tuple[float, float]:
     """(mean, stderr) over seeds by the formula in this module's docstring."""
     values = np.asarray(values, dtype=float)
@@ -183,12 +202,14 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model config, kind, column): mean and stderr over seeds, n_seeds, and the model's label.
 
     Besides the measured quantities it holds the model's paired gaps (kind "gap", reports.gap), whose
-    column is the bound each gap is taken to, combined over seeds like any other cell.
+    column is the bound each gap is taken to, combined over seeds like any other cell. Throughput cells carry
+    q1, q2, q3: the quartiles of their timed calls (throughput_quartiles).
     """
     per_seed = per_seed_cells(df)
     if per_seed.empty:
         return per_seed.assign(n_seeds=pd.Series(dtype=int), label=pd.Series(dtype=str))
-    gaps = per_seed_gaps(matched_rows(df))
+    matched = matched_rows(df)
+    gaps = per_seed_gaps(matched)
     per_seed = pd.concat([per_seed, gaps], ignore_index=True) if not gaps.empty else per_seed
     groups = per_seed.groupby([*MODEL_KEYS, "kind", "column"], dropna=False, sort=False)
     records = []
@@ -198,6 +219,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         records.append({**first.drop(["seed", "value", "stderr"]).to_dict(),
                         "value": mean, "stderr": stderr, "n_seeds": group["seed"].nunique()})
     summary = pd.DataFrame.from_records(records)
+    # throughput cells carry the quartiles of their timed calls (the plot's spread); other cells NaN
+    summary = summary.merge(throughput_quartiles(matched), on=[*MODEL_KEYS, "kind", "column"], how="left")
+    summary[["q1", "q2", "q3"]] = summary[["q1", "q2", "q3"]].astype(float)
     labels = model_labels(summary)
     derived = [labels[key] for key in zip(summary["dataset"], summary["model"], summary["config_hash"])]
     # A label the suite gave (one other than the model name) names the row; else the derived one.

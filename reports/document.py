@@ -38,13 +38,15 @@ def failed_table(failed: pd.DataFrame) -> pd.DataFrame:
 # ---- Markdown
 
 def markdown_document(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFrame,
-                      plot_files: list[str], flags: dict | None = None) -> str:
+                      plot_files: list[str], flags: dict | None = None, not_drawn: dict[str, str] | None = None) -> str:
     parts = ["# elbo-bench report", "", SEED_NOTE, "Best value per column in bold; trust flags in brackets after a "
              "model (see the HTML report's definitions).", ""]
     for table in shown_tables(tables):  # wide tables in parts
         parts += [f"## {md_escape(table.title)}", "", markdown_table(table, flags), ""]
-    if plot_files:
+    if plot_files or not_drawn:
         parts += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_files] + [""]  # our own file names
+        parts += [f"- {md_escape(name)} not drawn: {md_escape(reason)}" for name, reason in (not_drawn or {}).items()]
+        parts += [""] if not_drawn else []
     parts += ["## Provenance", ""]
     for run_dir, fields in provenance(manifests):
         parts += [f"### {md_escape(run_dir)}", ""] + [f"- **{field}**: {md_escape(text)}" for field, text in fields]
@@ -76,7 +78,8 @@ def latex_document(tables: list[ComparisonTable]) -> str:
 
 def html_document(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFrame,
                   images: dict[str, bytes], plot_note: str | None, *, summary: pd.DataFrame | None = None,
-                  flags: dict | None = None) -> str:
+                  flags: dict | None = None, not_drawn: dict[str, str] | None = None) -> str:
     """The self-contained HTML page (reports.page)."""
     return html_page(tables, manifests, failed_table(failed) if not failed.empty else None, images, plot_note,
-                     summary=summary, flags=flags or {}, provenance=provenance(manifests), seed_note=SEED_NOTE)
+                     summary=summary, flags=flags or {}, provenance=provenance(manifests), seed_note=SEED_NOTE,
+                     not_drawn=not_drawn or {})

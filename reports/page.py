@@ -87,11 +87,14 @@ FIGURE_CAPTIONS = {
     "kl_layers": ("Where the KL goes: for a hierarchy, the KL of each layer (a category, 1 = next to the data); for a "
                   "diffusion, T x the KL of each step along its time t (lines of different T comparable)."),
     "throughput": ("Samples per second of each estimator against K, one panel per model, all panels on one scale "
-                   "so heights compare across models; line style: device."),
-    "bound_vs_steps": ("Bounds against a diffusion's steps T and a hierarchy's layers L on one log axis (colour: "
-                       "series, "
-                       "style: bound); log p(x) dashed black. A range of many decades gets a symlog axis and a zoomed "
-                       "linear panel below."),
+                   "(shared log axes) so heights compare across models; line style: device. A point is the median "
+                   "over every timed call (all seeds), its bar the interquartile range of those calls: how much "
+                   "the speed varied from call to call (a panel's title gives its widest, as a share of the median: "
+                   "a few percent hides behind the marker)."),
+    "bound_vs_steps": ("Bounds against a diffusion's steps T and a hierarchy's layers L on one log axis, for datasets "
+                       "where some model was run at two or more T or L (colour: series, a line through its T or L; "
+                       "style: bound; a one-layer model is a large square at L = 1 for reference); log p(x) dashed "
+                       "black. A range of many decades gets a symlog axis and a zoomed linear panel below."),
     "gradient_snr": ("Signal-to-noise ratio of gradient estimates against K on log axes; the slope says how fast more "
                      "samples help (K^0.5 for a well-behaved estimator)."),
 }
@@ -197,13 +200,14 @@ def _settings(manifests: dict) -> str:
 
 def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFrame | None,
               images: dict[str, bytes], plot_note: str | None, *, summary: pd.DataFrame | None, flags: dict,
-              provenance: list, seed_note: str) -> str:
+              provenance: list, seed_note: str, not_drawn: dict[str, str] | None = None) -> str:
     sections = [("summary", "Summary"), ("tables", "Tables"), ("plots", "Plots"), ("definitions", "Definitions"),
                 ("settings", "Settings"), ("provenance", "Provenance"), ("failed", "Failed and not-applicable cells")]
     toc = "".join(f"<li><a href=\"#{a}\">{_e(t)}</a></li>" for a, t in sections)
     tables = shown_tables(tables)  # wide tables in parts, each fitting the page
     table_links = "".join(f"<li><a href=\"#t-{_anchor(t.title)}\">{_e(t.short_title)}</a></li>" for t in tables)
-    plot_links = "".join(f"<li><a href=\"#p-{_anchor(n)}\">{_e(n)}</a></li>" for n in images)
+    not_drawn = not_drawn or {}
+    plot_links = "".join(f"<li><a href=\"#p-{_anchor(n)}\">{_e(n)}</a></li>" for n in [*images, *not_drawn])
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              "<meta name=\"viewport\" content=\"width=device-width\"><title>elbo-bench report</title>",
              f"<style>{STYLE}</style></head><body>", "<h1>elbo-bench report</h1>",
@@ -224,6 +228,9 @@ def html_page(tables: list[ComparisonTable], manifests: dict, failed: pd.DataFra
         parts.append(f"<figure id=\"p-{_anchor(name)}\">"
                      f"<img alt=\"{_e(name)}\" src=\"data:image/png;base64,{encoded}\">"
                      f"<figcaption><b>{_e(name)}</b>: {_e(caption)}</figcaption></figure>")
+    for name, reason in not_drawn.items():  # a plot left out on purpose says why where it would have been
+        parts.append(f"<p class=\"not-drawn\" id=\"p-{_anchor(name)}\"><b>{_e(name)}</b> is not drawn: "
+                     f"{_e(reason)}</p>")
     definitions = "".join(f"<dt>{_e(term)}</dt><dd>{_e(text)}</dd>" for term, text in DEFINITIONS)
     parts.append(f"</section><section id=\"definitions\"><h2>Definitions</h2><dl>{definitions}</dl></section>")
     parts.append(f"<section id=\"settings\"><h2>Settings</h2>{_settings(manifests)}</section>")

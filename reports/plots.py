@@ -18,6 +18,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -108,6 +109,22 @@ def _unique_handles(fig) -> tuple[list, list]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     return list(seen.values()), list(seen.keys())
+
+
+@dataclass(frozen=True)
+class NotDrawn:
+    """A plot left out on purpose, with the reason the report gives in its place."""
+    reason: str
+
+
+@dataclass
+class Figures:
+    """The rendered plots: name -> format -> bytes; and the plots not drawn, name -> reason."""
+    files: dict[str, dict[str, bytes]]
+    not_drawn: dict[str, str]
+
+
+MIN_PLACES = 2  # bound_vs_steps: a series needs bounds at this many values of T or L to draw a line
 
 
 # Families in the order the gap plot lists them: one stochastic layer -> a hierarchy of L -> a diffusion of T steps.
@@ -345,12 +362,24 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
     Colour: the series (a model whose configs differ only in T or L); style: the bound (ELBO, the
     largest-K IWAE, the continuous-time ELBO_inf as a horizontal line); log p(x) dashed black. A range
     of many decades gets a symlog axis and, below it, the same panel zoomed (linear) on its top decade.
+
+    Only datasets where some series has bounds at MIN_PLACES or more places on the axis get a panel (a model at
+    one T or L is drawn there as a reference point); with none, the plot is not drawn and NotDrawn says why: a
+    few isolated points answer nothing about steps, and bound_vs_k and gap show those bounds.
     """
     points = placed(summary)
     stepped = points["family"] == DIFFUSION
     if not stepped.any() and not (points["x"] >= 2).any():
         return None
-    datasets = sorted(points.loc[stepped | (points["x"] >= 2), "dataset"].unique())
+    bounds = points[(points["kind"] == "bound") & points["x"].notna()]
+    places = bounds.groupby(["dataset", "series"])["x"].nunique()
+    datasets = sorted({dataset for (dataset, _), n in places.items() if n >= MIN_PLACES})
+    if not datasets:
+        alone = bounds[bounds["family"] != ONE_LAYER].drop_duplicates(["dataset", "series", "x"])
+        names = sorted({_point_name(p["series"], p["family"], p["x"]) for _, p in alone.iterrows()})
+        return NotDrawn(f"no model of these runs has bounds at {MIN_PLACES} or more diffusion steps T or hierarchy "
+                        f"layers L (each sits at one place: {', '.join(names)}), so no line could show a bound "
+                        "changing with T or L. bound_vs_k and gap show these bounds; the steps suite varies T and L.")
     series_order = _series_order(points[points["dataset"].isin(datasets)])
     colors = _palette(series_order, sns)
     styles = _bound_styles(points.loc[points["kind"] == "bound", "column"].unique())
@@ -395,6 +424,9 @@ def bound_vs_steps(summary: pd.DataFrame, plt, sns):
     series_handles = [Line2D([], [], color=colors[s], linewidth=6) for s in shown_series]
     style_handles, style_labels = _style_legend(styles, has_continuous,
                                                 "log p(x)" if any(p[2] for p in panels) else None)
+    if (points.loc[points["dataset"].isin(datasets) & (points["kind"] == "bound"), "family"] == ONE_LAYER).any():
+        style_handles.append(Line2D([], [], color="grey", marker="s", ms=8, linestyle="none"))
+        style_labels.append("one-layer model (at L = 1)")
     blank = Line2D([], [], linestyle="none")
     _legend_right(fig, [*series_handles, blank, *style_handles], [*shown_series, "", *style_labels],
                   title="series (colour), bound (style)")
@@ -550,8 +582,20 @@ def kl_layers(summary: pd.DataFrame, plt, sns):
     return fig
 
 
+def _median_and_iqr(line: pd.DataFrame) -> tuple[pd.Series, list[pd.Series]]:
+    """The points and (lower, upper) bar lengths of throughput cells: the median of the timed calls and their
+    interquartile range (reports.cells.throughput_quartiles); where the rows hold no timed calls, the cell's value
+    and its standard error over seeds."""
+    centre = line["q2"].fillna(line["value"])
+    fallback = line["stderr"].fillna(0)
+    below = (centre - line["q1"]).where(line["q1"].notna(), fallback)
+    above = (line["q3"] - centre).where(line["q3"].notna(), fallback)
+    return centre, [below, above]
+
+
 def throughput(summary: pd.DataFrame, plt, sns):
-    """Samples per second against K per estimator (colour) and device (line style), per model."""
+    """Samples per second against K per estimator (colour) and device (line style), per model: the median of the
+    timed calls with their interquartile range as bars, every panel on one shared scale."""
     rows = summary[summary["kind"] == "throughput"].copy()
     if rows.empty:
         return None
@@ -564,16 +608,20 @@ def throughput(summary: pd.DataFrame, plt, sns):
     for ax, ((dataset, label), cells) in zip(axes, groups):
         for (estimator, device), line in cells.groupby(["estimator", "device"], sort=True):
             line = line.sort_values("K")
-            ax.errorbar(line["K"], line["value"], yerr=line["stderr"].fillna(0), color=colors[estimator],
-                        linestyle=styles[device], marker=markers[estimator], ms=5, mfc="white", capsize=2,
+            ax.errorbar(line["K"], *_median_and_iqr(line), color=colors[estimator],
+                        linestyle=styles[device], marker=markers[estimator], ms=4, mfc="white", capsize=4,
                         label=f"{estimator}, {device}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{dataset}: {label}", fontsize="medium")
+        # On a log axis of decades a spread of a few percent hides behind the marker: the title says how wide.
+        spread = ((cells["q3"] - cells["q1"]) / cells["q2"]).max()
+        said = f"\nIQR up to {spread:.0%} of the median" if pd.notna(spread) else ""
+        ax.set_title(f"{dataset}: {label}{said}", fontsize="medium")
         ax.set_xlabel("K (samples per example, log scale)")
         ax.set_ylabel("throughput (samples/s, log scale)")
     _legend_right(fig, *_unique_handles(fig), title="estimator, device")
-    fig.suptitle("How many samples per second does each estimator draw, as K grows? (all panels on one scale)")
+    fig.suptitle("How many samples per second does each estimator draw, as K grows? (median of the timed calls, "
+                 "bars: interquartile range; all panels on one scale)")
     return fig
 
 
@@ -595,13 +643,14 @@ ROW_PLOTS: dict[str, Callable] = {
 
 def render_plots(summary: pd.DataFrame, results: pd.DataFrame | None = None) -> dict[str, bytes]:
     """{plot name: PNG bytes} for every plot the summary (and the result rows, where given) has data for."""
-    return {name: files["png"] for name, files in render_figures(summary, results).items()}
+    return {name: files["png"] for name, files in render_figures(summary, results).files.items()}
 
 
 def render_figures(summary: pd.DataFrame, results: pd.DataFrame | None = None,
-                   formats: tuple[str, ...] = ("png",)) -> dict[str, dict[str, bytes]]:
-    """{plot name: {format: bytes}} for every plot the summary (and the result rows) has data for: PNG for
-    pages, SVG beside it for print. Rows with a trust flag (reports.flags) are drawn but do not set axes."""
+                   formats: tuple[str, ...] = ("png",)) -> Figures:
+    """Every plot the summary (and the result rows) has data for, as {format: bytes}: PNG for pages, SVG beside
+    it for print; and the reason for each plot left out on purpose (NotDrawn). Rows with a trust flag
+    (reports.flags) are drawn but do not set axes."""
     plt, sns = plotting()
     if results is not None and not summary.empty:
         from reports.flags import axis_labels, flags_by_label, trust_flags
@@ -611,8 +660,11 @@ def render_figures(summary: pd.DataFrame, results: pd.DataFrame | None = None,
     figures = [(name, plot(summary, plt, sns)) for name, plot in PLOTS.items()]
     if results is not None:
         figures += [(name, plot(results, plt, sns)) for name, plot in ROW_PLOTS.items()]
-    images = {}
+    images, not_drawn = {}, {}
     for name, fig in figures:
+        if isinstance(fig, NotDrawn):
+            not_drawn[name] = fig.reason
+            continue
         if fig is None:
             continue
         fig.tight_layout()
@@ -622,4 +674,4 @@ def render_figures(summary: pd.DataFrame, results: pd.DataFrame | None = None,
             fig.savefig(buffer, format=fmt, dpi=110, bbox_inches="tight")
             images[name][fmt] = buffer.getvalue()
         plt.close(fig)
-    return images
+    return Figures(images, not_drawn)

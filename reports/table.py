@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from reports.cells import CONTINUOUS_ELBO, LOSS_ELBO, bound_order, natural_sorted, sort_models, summarize
-from reports.load import failed_rows
 from reports.gap import LOG_MARGINAL_COLUMN, PAIRED, UNPAIRED
+from reports.load import failed_rows
 from reports.schema import method_settings
 from reports.units import BITS_PER_DIM, BITS_SIGN, GAP_NATS, NATS, NLL_NATS, bits_per_dim_dims, nats_to_bits_per_dim
 

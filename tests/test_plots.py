@@ -13,17 +13,22 @@ import pytest
 
 from reports.cells import summarize
 from reports.load import load_results
+from reports.page import html_page
 from reports.plots import (
     DIFFUSION,
     HIERARCHY,
     ONE_LAYER,
+    NotDrawn,
     bound_vs_steps,
     gap,
     kl_layers,
     placed,
     plotting,
+    throughput,
 )
 from reports.schema import ROW_COLUMNS
+from tests.test_reports import _row as _reports_row
+from tests.test_reports import write_run as _write_run
 
 LOG_P = -1.7  # the oracle's exact log p(x) on the mixture
 VDM = {1: -1000.0, 2: -50.0, 4: -4.0}  # trained continuous-time VDM: whole-trajectory ELBO at T
@@ -191,3 +196,63 @@ def test_kl_profile_is_T_times_the_step_kl_at_the_step_middles(summary, libs):
     centers = [patch.get_x() + patch.get_width() / 2 for patch in bars[0].patches]
     assert [round(c) for c in centers] == [1, 2] and all(abs(c - round(c)) < 0.4 for c in centers)
     assert [patch.get_height() for patch in bars[0].patches] == [1.0, 0.5]
+
+
+def _timed(model: str, config: dict, seed: int, k: int, value: float, wall_s: float | None,
+           timing_s: list[float] | None) -> dict:
+    """A throughput row as bench writes it: value samples/s at the median (wall_s) of the timed calls (timing_s)."""
+    row = _reports_row("digits", model, config, seed, "iwae", k, "throughput", value, None, unit="samples/s")
+    return {**row, "wall_s": wall_s, "timing_s": timing_s, "schema_version": 3}
+
+
+def test_throughput_draws_the_median_and_iqr_of_the_timed_calls_on_shared_axes(tmp_path, libs):
+    # vae at K=5, two seeds, 20 samples a call (1000 samples/s at a 0.02 s median): the calls ran at 20 / t =
+    # 2000, 1000, 500 (seed 0) and 800, 1000, 1600 samples/s (seed 1). Pooled and sorted: 500 800 1000 1000 1600
+    # 2000; quartiles by linear interpolation at positions 1.25, 2.5, 3.75: 850, 1000, 1450.
+    rows = [_timed("vae", {}, 0, 5, 1000.0, 0.02, [0.01, 0.02, 0.04]),
+            _timed("vae", {}, 1, 5, 1000.0, 0.02, [0.025, 0.02, 0.0125]),
+            # iwae: a row written before rows carried timing_s (no spread to draw), and one with its calls
+            _timed("iwae", {"k": 5}, 0, 5, 4000.0, None, None),
+            _timed("iwae", {"k": 5}, 0, 50, 30000.0, 0.1, [0.1, 0.1, 0.1])]
+    summary = summarize(load_results([_write_run(tmp_path / "run", rows)]))
+    vae = summary[(summary["label"] == "vae") & (summary["kind"] == "throughput")].iloc[0]
+    assert [vae["q1"], vae["q2"], vae["q3"]] == pytest.approx([850.0, 1000.0, 1450.0])
+    fig = throughput(summary, *libs)
+    axes = _axes_by_title(fig)
+    # the widest spread of a panel in its title: (1450 - 850) / 1000 = 60% for the vae; the iwae's calls at K=50
+    # took equal times: 0%
+    assert fig.axes[1].get_title() == "digits: vae\nIQR up to 60% of the median"
+    assert fig.axes[0].get_title() == "digits: iwae\nIQR up to 0% of the median"
+    container = axes["digits: vae"].containers[0]
+    data_line, _, (bars,) = container.lines
+    assert list(data_line.get_ydata()) == pytest.approx([1000.0])  # the median of the six calls
+    assert [list(segment[:, 1]) for segment in bars.get_segments()] == [pytest.approx([850.0, 1450.0])]
+    iwae_line, _, (iwae_bars,) = axes["digits: iwae"].containers[0].lines
+    assert list(iwae_line.get_ydata()) == pytest.approx([4000.0, 30000.0])  # no calls recorded at K=5: its value
+    assert [list(s[:, 1]) for s in iwae_bars.get_segments()] == [pytest.approx([4000.0] * 2),
+                                                                 pytest.approx([30000.0] * 2)]
+    # one scale for every panel, so heights compare across models
+    assert axes["digits: vae"].get_ylim() == axes["digits: iwae"].get_ylim()
+    assert axes["digits: vae"].get_yscale() == "log"
+
+
+def test_bound_vs_steps_says_why_it_is_not_drawn_when_no_model_varies_T_or_L(tmp_path, libs):
+    # As in the default suite: every model at one place on the axis (vae L=1, hvae L=2, vdm T=4): isolated points
+    # answer nothing about steps, so no figure; the reason names each place.
+    kept = [r for r in _rows() if r["label"] in ("vae", "hvae-L2", "vdm (log_weights_steps=4)")]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("\n".join(json.dumps(r) for r in kept) + "\n")
+    skipped = bound_vs_steps(summarize(load_results([run])), *libs)
+    assert isinstance(skipped, NotDrawn)
+    assert "(each sits at one place: hvae L=2, vdm T=4)" in skipped.reason and "bound_vs_k and gap" in skipped.reason
+    page = html_page([], {}, None, {}, None, summary=None, flags={}, provenance=[], seed_note="",
+                     not_drawn={"bound_vs_steps": skipped.reason})
+    assert "<b>bound_vs_steps</b> is not drawn: no model of these runs" in page
+    assert "<a href=\"#p-bound-vs-steps\">bound_vs_steps</a>" in page  # the contents link to the reason
+
+
+def test_bound_vs_steps_legend_names_the_one_layer_square(summary, libs):
+    fig = bound_vs_steps(summary, *libs)  # the steps suite: vae at L = 1 beside the hvae's and vdm's lines
+    labels = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+    assert "one-layer model (at L = 1)" in labels

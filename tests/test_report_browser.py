@@ -14,8 +14,8 @@ import pytest
 
 import reports
 from reports.page import selftest_findings
-from tests.test_report_page import flagged_rows
-from tests.test_reports import _row, write_run
+from tests.test_report_page import wide_rows
+from tests.test_reports import write_run
 
 WIDTH = 1400
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -37,25 +37,6 @@ def _dump_dom(browser: str, url: str, tmp_path) -> str:
                           capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
-
-
-def wide_rows() -> list[dict]:
-    """flagged_rows plus what makes the digits table as wide as the default suite's (about 20 columns): IWAE at
-    K = 1, 500 and 5000, and a 2-layer hvae with a KL and active-unit column per layer."""
-    rows = flagged_rows()
-    # the vae's IWAE_5000 (-28.55) stays below the iwae's IWAE_50 (-28.50): the tightest bound is unchanged
-    for model, config, bounds in (("vae", {}, ((1, -30.25), (500, -28.56), (5000, -28.55))),
-                                  ("iwae", {"k": 5}, ((1, -30.0),))):
-        rows += [_row("digits", model, config, seed, "iwae", k, "iwae", value, 0.27)
-                 for seed in (0, 1) for k, value in bounds]
-    hvae = {"n_layers": 2}
-    rows += [_row("digits", "hvae", hvae, 0, "elbo", 1, "elbo", -31.25, 0.25),
-             _row("digits", "hvae", hvae, 0, "iwae", 5000, "iwae", -29.85, 0.24),
-             _row("digits", "hvae", hvae, 0, "kl_terms", 1, "kl/z1", 2.275, 0.043),
-             _row("digits", "hvae", hvae, 0, "kl_terms", 1, "kl/z2", 0.0233, 0.0014),
-             _row("digits", "hvae", hvae, 0, "active_units", None, "active_units/z1", 14, None, unit="count"),
-             _row("digits", "hvae", hvae, 0, "active_units", None, "active_units/z2", 0, None, unit="count")]
-    return rows
 
 
 def test_report_in_headless_chromium(tmp_path):
