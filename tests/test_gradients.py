@@ -20,7 +20,7 @@ from bench.plan.suite import load_suite, parse_suite
 from estimators.gradients import objective_value
 from reports.gradient_plots import snr_slope
 from vaes import create_model
-from vaes.base import MissingCapability, Objective, config_hash
+from vaes.base import MissingCapability, Objective, as_objective, config_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,3 +277,25 @@ def test_snr_summaries_of_known_gradient_draws():
     sd_ratio = math.sqrt(10 / 2 - expected**2)
     assert abs(result.dsnr_ratio - expected) <= 4 * sd_ratio / math.sqrt(reps), (result.dsnr_ratio, expected)
     assert result.parameters == 5
+
+
+# Rainforth et al. (2018), Table 1: every objective at M x K = 64 draws per example.
+TABLE_1 = {
+    "vae (64 x 1)": Objective("miwae", m=64, k=1),
+    "iwae (1 x 64)": Objective("iwae", k=64),
+    "miwae (8 x 8)": Objective("miwae", m=8, k=8),
+    "piwae (8 x 8)": Objective("piwae", m=8, k=8),
+    "ciwae (0.5)": Objective("ciwae", k=64, beta=0.5),
+    "iwae-dreg (1 x 64)": Objective("iwae", k=64, estimator="dreg"),
+}
+
+
+def test_the_objectives_suite_is_rainforths_table_1(mnist_dir):
+    suite = load_suite("objectives")
+    plan = prepare(suite, data_dir=mnist_dir)
+    trained = {fit.model.label: as_objective(fit.model_config["objective"]) for fit in plan.fits}
+    assert trained == TABLE_1
+    # the IWAE paper's 784-200-200-50 network: no size overridden
+    assert all(fit.model_config.get("hidden") is None and fit.model.name == "vae" for fit in plan.fits)
+    cells = {(cell.estimator, cell.k) for cell in plan.fits[0].cells}
+    assert cells == {("train", None), ("elbo", 64), ("iwae", 64), ("log_marginal", 5000)}
