@@ -3,7 +3,8 @@
 ``reps`` independent draws of the gradient of the batch-mean objective; per parameter
 SNR = |mean| / sd over the draws, summarised for the inference and the generative network
 apart: the mean over the network's parameters of their SNR, and the DSNR, the SNR of the
-gradient projected on its expected direction u = E[g] / |E[g]| (|mean(g . u)| / sd(g . u)).
+gradient projected on its expected direction u = E[g] / |E[g]| (|mean(g . u)| / sd(g . u)),
+beside Rainforth et al.'s ratio of norms E[|g . u| / |g - (g . u) u|].
 
 The repetitions are a vmapped dimension, not a loop: ``torch.func.vmap`` over ``torch.func.grad``
 of a ``functional_call``, with ``randomness="different"`` and the posterior's draws taken from the
@@ -39,6 +40,9 @@ class NetworkSNR:
     # 1 / sqrt(R), ``snr`` measures the floor (about 0.8 / sqrt(R)) and this one does not.
     snr_rms: float
     dsnr: float  # |mean(g . u)| / sd(g . u), u the expected gradient's direction; nan without parameters
+    # Rainforth et al.'s own DSNR, E[|g . u| / |g - (g . u) u|]: the gradient's length along its expected
+    # direction over its length across it, averaged over the draws; nan without parameters.
+    dsnr_ratio: float
     parameters: int  # numbers in the network
 
 
@@ -115,7 +119,7 @@ def _rep_chunk(model: LatentVariableModel, x: Tensor, objective: Objective) -> i
 def _network_snr(gradients: list[Tensor]) -> NetworkSNR:
     """Summary of one network's gradient draws (each [R, *shape])."""
     if not gradients:
-        return NetworkSNR(math.nan, math.nan, math.nan, 0)
+        return NetworkSNR(math.nan, math.nan, math.nan, math.nan, 0)
     flat = torch.cat([g.flatten(1) for g in gradients], 1)  # [R, P]
     reps = flat.shape[0]
     mean, sd = flat.mean(0), flat.std(0)
@@ -128,6 +132,8 @@ def _network_snr(gradients: list[Tensor]) -> NetworkSNR:
         snr = snr_rms = math.nan
     norm = mean.norm()
     if norm == 0:
-        return NetworkSNR(snr, snr_rms, math.nan, flat.shape[1])
+        return NetworkSNR(snr, snr_rms, math.nan, math.nan, flat.shape[1])
     projected = flat @ (mean / norm)  # [R]
-    return NetworkSNR(snr, snr_rms, float(projected.mean().abs() / projected.std()), flat.shape[1])
+    across = (flat.pow(2).sum(1) - projected.pow(2)).clamp(min=0).sqrt()  # |g - (g . u) u|, [R]
+    return NetworkSNR(snr, snr_rms, float(projected.mean().abs() / projected.std()),
+                      float((projected.abs() / across).mean()), flat.shape[1])

@@ -528,3 +528,18 @@ def test_throughput_needs_a_ratio_and_a_significant_mann_whitney_test(tmp_path, 
     assert "not significantly" in capsys.readouterr().out
     assert run_cli(slow, "--baseline", path) == 2  # off unless asked: this run then compares nothing
     assert check.slower_p_value([2.0, 3.0], [0.0, 1.0]) == pytest.approx(1 / 6)  # 2 vs 2 can never reach 0.01
+
+
+def test_two_methods_of_one_estimator_are_two_cells(tmp_path, capsys):
+    # Two AIS entries on one model (from the prior and from q) differ only in their method: each is its own cell,
+    # so a loosened one is found and named, and the other still passes.
+    ais = {"estimator": "ais", "k": None, "mc_stderr": 0.05, "stderr": 0.4}
+    rows = [*base_rows(), make_row("log_marginal", -27.0, method="ais(init=prior)", **ais),
+            make_row("log_marginal", -26.5, method="ais(init=posterior)", **ais)]
+    path = tmp_path / "baseline.json"
+    assert run_cli(write_run(tmp_path / "base", rows), "--write-baseline", path) == 0
+    loosened = [dict(row, value=-28.0) if row["method"] == "ais(init=posterior)" else row for row in rows]
+    assert run_cli(write_run(tmp_path / "loose", loosened), "--baseline", path) == 1
+    out = capsys.readouterr().out
+    assert "ais k=- seed=0 log_marginal [ais(init=posterior)]" in out
+    assert out.rstrip().splitlines()[-1] == "check: 7 passed, 1 failed"  # 6 compared cells of base_rows + 2

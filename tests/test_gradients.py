@@ -20,7 +20,7 @@ from bench.plan.suite import load_suite, parse_suite
 from estimators.gradients import objective_value
 from reports.gradient_plots import snr_slope
 from vaes import create_model
-from vaes.base import MissingCapability, Objective, config_hash
+from vaes.base import MissingCapability, Objective, as_objective, config_hash
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -248,3 +248,54 @@ def test_the_toy_data_set_has_the_toy_model_s_exact_density():
     torch.testing.assert_close(data.exact_log_density(x), model.exact_log_marginal(x).detach())
     # The data's mean is the model's mu (2000 draws: standard error sqrt(2 / 2000) = 0.03 per coordinate).
     assert float((data.train.double().mean(0) - model.prior_mean.detach()).abs().max()) < 4 * math.sqrt(2 / 2000)
+
+
+def test_snr_summaries_of_known_gradient_draws():
+    """The summaries on draws of a known law: g = (3 + e_0, e_1, ..., e_4), e iid N(0, 1), R = 20,000.
+
+    Per parameter the SNR is 3 for the first and 0 for the others, whose |mean| / sd is the noise floor
+    |N(0, 1)| / sqrt(R) (mean sqrt(2 / pi) / sqrt(R)); the floor-free root mean square is sqrt(9 / 5). Along
+    u = (1, 0, ...): DSNR = 3 / 1. Rainforth et al.'s ratio E[|3 + e_0| / chi_4] = E|3 + e_0| E[1 / chi_4] with
+    E|3 + e_0| = 3 (1 - 2 Phi(-3)) + 2 phi(3) and E[1 / chi_4] = Gamma(3/2) / (sqrt(2) Gamma(2)). Tolerances:
+    4 standard errors of each statistic over R draws (sd of the ratio from E[ratio^2] = 10 / 2), plus the
+    error of u estimated from the same draws (1 / sqrt(R) in angle, second order in these statistics)."""
+    from scipy import stats
+
+    from estimators.snr import _network_snr
+
+    reps = 20_000
+    draws = torch.randn(reps, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    draws[:, 0] += 3.0
+    result = _network_snr([draws[:, :2], draws[:, 2:]])  # two parameter tensors of one network
+    floor = math.sqrt(2 / math.pi) / math.sqrt(reps)
+    se_snr = math.sqrt((1 + 9 / 2) / reps)  # delta method: sd of mean / sd at SNR 3
+    assert abs(result.snr - (3 + 4 * floor) / 5) <= 4 * (se_snr / 5 + floor), result.snr
+    assert abs(result.snr_rms - math.sqrt(9 / 5)) <= 4 * se_snr, result.snr_rms
+    assert abs(result.dsnr - 3.0) <= 4 * se_snr, result.dsnr
+    folded = 3 * (1 - 2 * stats.norm.cdf(-3)) + 2 * stats.norm.pdf(3)
+    expected = folded * math.gamma(1.5) / (math.sqrt(2) * math.gamma(2))
+    sd_ratio = math.sqrt(10 / 2 - expected**2)
+    assert abs(result.dsnr_ratio - expected) <= 4 * sd_ratio / math.sqrt(reps), (result.dsnr_ratio, expected)
+    assert result.parameters == 5
+
+
+# Rainforth et al. (2018), Table 1: every objective at M x K = 64 draws per example.
+TABLE_1 = {
+    "vae (64 x 1)": Objective("miwae", m=64, k=1),
+    "iwae (1 x 64)": Objective("iwae", k=64),
+    "miwae (8 x 8)": Objective("miwae", m=8, k=8),
+    "piwae (8 x 8)": Objective("piwae", m=8, k=8),
+    "ciwae (0.5)": Objective("ciwae", k=64, beta=0.5),
+    "iwae-dreg (1 x 64)": Objective("iwae", k=64, estimator="dreg"),
+}
+
+
+def test_the_objectives_suite_is_rainforths_table_1(mnist_dir):
+    suite = load_suite("objectives")
+    plan = prepare(suite, data_dir=mnist_dir)
+    trained = {fit.model.label: as_objective(fit.model_config["objective"]) for fit in plan.fits}
+    assert trained == TABLE_1
+    # the IWAE paper's 784-200-200-50 network: no size overridden
+    assert all(fit.model_config.get("hidden") is None and fit.model.name == "vae" for fit in plan.fits)
+    cells = {(cell.estimator, cell.k) for cell in plan.fits[0].cells}
+    assert cells == {("train", None), ("elbo", 64), ("iwae", 64), ("log_marginal", 5000)}

@@ -14,6 +14,7 @@ from vaes.base import (
     CAPABILITIES,
     DIFFUSION_TERMS,
     LOG_JOINT,
+    OUTPUT_BIAS,
     POSTERIOR,
     SAMPLE_JOINT,
     DiffusionDraws,
@@ -213,12 +214,18 @@ def _use_diffusion_terms(model, x):
     return torch.cat([draws.reconstruction, draws.diffusion, draws.prior[None]])
 
 
+def _use_output_bias(model, x):
+    model.set_output_bias(x.float().mean(0).clamp(0.01, 0.99))
+    return model.log_weights(x, 3).total()  # [3, B]
+
+
 # Each capability, exercised through every method it promises; each returns a tensor that must be finite.
 USE_CAPABILITY = {
     LOG_JOINT: _use_log_joint,
     SAMPLE_JOINT: _use_sample_joint,
     POSTERIOR: _use_posterior,
     DIFFUSION_TERMS: _use_diffusion_terms,
+    OUTPUT_BIAS: _use_output_bias,
 }
 
 

@@ -196,3 +196,17 @@ def test_mixture_denoiser_is_the_posterior_mean_of_the_noise():
     exact = denoiser(point[None], gamma[None], gamma[None])[0]
     # the bin's width adds a bias of order (radius^2) times the curvature; 0.02 covers it
     assert ((estimate - exact).abs() <= Z * se + 0.02).all(), (estimate, exact, se)
+
+
+@pytest.mark.parametrize("mixture", sorted(DIMS))
+def test_mixture_denoiser_at_one_time_equals_the_per_row_formula(mixture):
+    """A trajectory step asks for every row at one gamma, answered by matrix products; rows of different
+    gammas take the per-component formula. Both are the same function: float64 rounding apart (1e-11)."""
+    denoiser = MixtureDenoiser(get_mixture(mixture))
+    z = 2 * torch.randn(64, 3, DIMS[mixture], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for gamma in (-9.0, -1.0, 0.0, 2.5, 8.0):
+        shared = torch.full((64, 3), gamma, dtype=torch.float64)
+        mixed = shared.clone()
+        mixed[0, 0] += 1.0  # one different row sends the batch down the per-row path
+        at_one_time, per_row = denoiser(z, shared, shared), denoiser(z, mixed, mixed)
+        assert torch.allclose(at_one_time.flatten(0, 1)[1:], per_row.flatten(0, 1)[1:], rtol=0, atol=1e-11)

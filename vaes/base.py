@@ -138,7 +138,8 @@ LOG_JOINT = "log_joint"  # log_joint(x, z), log_prior(z) and sample_prior(n, bat
 SAMPLE_JOINT = "sample_joint"  # sample_joint(n): BDMC's simulated data with exact posterior samples
 POSTERIOR = "posterior"  # posterior(x) -> Posterior: the AIS start from q, STL, DReG
 DIFFUSION_TERMS = "diffusion_terms"  # diffusion_loss_terms(x, samples) -> DiffusionDraws
-CAPABILITIES = (LOG_JOINT, SAMPLE_JOINT, POSTERIOR, DIFFUSION_TERMS)
+OUTPUT_BIAS = "output_bias"  # set_output_bias(train_mean): the IWAE paper's decoder initialisation
+CAPABILITIES = (LOG_JOINT, SAMPLE_JOINT, POSTERIOR, DIFFUSION_TERMS, OUTPUT_BIAS)
 
 Latents = dict[str, Tensor]
 """A latent state in a model's own layout: one tensor per stochastic layer (keys ``model.layers``),
@@ -258,6 +259,11 @@ class LatentVariableModel(nn.Module):
         """log p(x), [B], where tractable; None otherwise."""
         return None
 
+    def evaluation_only_fields(self) -> tuple[str, ...]:
+        """Config fields training never reads, so one trained model may be evaluated under other values of
+        them (a suite's ``eval_configs``); none unless a model says so."""
+        return ()
+
     def posterior_means(self, x: Tensor) -> dict[str, Tensor] | None:
         """E_q[z_l | x] per layer, [B, n_l] each (for active units); None where the model has none."""
         return None
@@ -285,6 +291,10 @@ class LatentVariableModel(nn.Module):
     def posterior(self, x: Tensor) -> Posterior:
         """q(z | x) for the batch x (capability POSTERIOR)."""
         raise MissingCapability(f"{type(self).__name__} has no posterior")
+
+    def set_output_bias(self, train_mean: Tensor) -> None:
+        """Set the decoder's output bias from the mean training example, [D] (capability OUTPUT_BIAS)."""
+        raise MissingCapability(f"{type(self).__name__} has no output bias to initialise")
 
     def inference_parameters(self) -> dict[str, nn.Parameter]:
         """The inference network's parameters (q's own), by name as ``named_parameters`` gives them (POSTERIOR).

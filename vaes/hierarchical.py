@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .base import (
     LOG_JOINT,
+    OUTPUT_BIAS,
     POSTERIOR,
     SAMPLE_JOINT,
     Latents,
@@ -144,7 +145,7 @@ class HierarchicalVAE(LatentVariableModel):
     """Markovian hierarchical VAE: Gaussian q(z_1 | x), q(z_{l+1} | z_l); p(z_L) = N(0, I),
     Gaussian p(z_l | z_{l+1})."""
 
-    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR, OUTPUT_BIAS})
 
     def __init__(self, config: HVAEConfig):
         super().__init__()

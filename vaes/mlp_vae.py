@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .base import (
     LOG_JOINT,
+    OUTPUT_BIAS,
     POSTERIOR,
     SAMPLE_JOINT,
     Latents,
@@ -59,7 +60,7 @@ class MLPVAE(LatentVariableModel):
     """x -> hidden -> (mean, log sigma) of z; z -> mirrored hidden -> likelihood parameters of x."""
 
     layers = ("z",)
-    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR})
+    capabilities = frozenset({LOG_JOINT, SAMPLE_JOINT, POSTERIOR, OUTPUT_BIAS})
 
     def __init__(self, config: MLPVAEConfig):
         super().__init__()

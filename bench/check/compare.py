@@ -63,8 +63,8 @@ def with_khat_share(rows: dict[CellKey, dict]) -> dict[CellKey, dict]:
 def compare(baseline: dict[CellKey, dict], run_rows: list[dict], settings: Settings) -> CheckResult:
     run = with_khat_share(rows_by_key(row for row in run_rows if row.get("status") != "skipped"))
     findings: list[Finding] = []
-    # A failed cell may carry no metric; it covers every baseline metric of the same cell.
-    failed_cells = {key[:-1] for key, row in run.items() if row.get("status") == "failed"}
+    # A failed cell may carry no metric nor method; it covers every baseline metric of the same cell.
+    failed_cells = {key[:-2] for key, row in run.items() if row.get("status") == "failed"}
     compared = 0
     for key in sorted(run, key=sort_key):
         row = run[key]
@@ -83,7 +83,7 @@ def compare(baseline: dict[CellKey, dict], run_rows: list[dict], settings: Setti
         if finding is not None:
             findings.append(finding)
     for key in sorted(baseline, key=sort_key):
-        if key not in run and key[:-1] not in failed_cells and active_comparison(key[-1], settings) is not None:
+        if key not in run and key[:-2] not in failed_cells and active_comparison(key[-1], settings) is not None:
             findings.append(Finding("missing in run", key, baseline[key]["value"], None, None, None,
                                     "not in the run"))
     missing = [f.key for f in findings if f.kind == "missing in run"]

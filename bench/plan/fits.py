@@ -171,19 +171,13 @@ def _check_cell_sizes(fit: Fit, index: int, model, dataset, suite: Suite, limit:
                                                  f"of {batch}) {problem}")
 
 
-def evaluation_only_fields(model) -> tuple[str, ...]:
-    """The config fields a model declares evaluation-only (its config's ``evaluation_only_fields()``)."""
-    declared = getattr(model.config, "evaluation_only_fields", None)
-    return tuple(declared()) if callable(declared) else ()
-
-
 def _evaluations(spec: ModelSpec, index: int, trained, dataset, check: KeyChecker) -> tuple[Evaluation, ...]:
     """The entry's evaluations on one dataset; every override must be evaluation-only for the trained model.
 
     Evaluation-only means training never reads the field, so the trained state is valid under any value of it;
     the rebuilt model must then also hold the same state keys and shapes, which is checked here too.
     """
-    allowed = evaluation_only_fields(trained)
+    allowed = trained.evaluation_only_fields()
     state = {name: tuple(t.shape) for name, t in trained.state_dict().items()}
     evaluations = []
     for j, eval_config in enumerate(spec.evaluations()):

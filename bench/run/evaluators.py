@@ -205,7 +205,8 @@ def _gradient_snr(model: LatentVariableModel, x: Tensor, k: int | None, params: 
     as_tensor = lambda value: torch.tensor([value], dtype=torch.float64)
     return [Measurement(f"{summary}_{name}", as_tensor(getattr(network, attribute)), None, "ratio", method=method)
             for name, network in (("inference", result.inference), ("generative", result.generative))
-            for summary, attribute in (("snr", "snr"), ("snr_rms", "snr_rms"), ("dsnr", "dsnr"))]
+            for summary, attribute in (("snr", "snr"), ("snr_rms", "snr_rms"), ("dsnr", "dsnr"),
+                                       ("dsnr_ratio", "dsnr_ratio"))]
 
 
 ESTIMATORS: dict[str, EstimatorKind] = {

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from estimators import elbo, training_objective
 from vaes import LatentVariableModel, create_model
+from vaes.base import OUTPUT_BIAS
 
 from ..data import Dataset
 from ..run.device import resolve_device, seed_devices
@@ -69,7 +70,7 @@ def initial_model(model_name: str, model_config: dict, dataset: Dataset, cfg: Tr
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, model_config, dataset)
     bernoulli = getattr(model.config, "likelihood", None) == "bernoulli"
-    if cfg.output_bias_init and hasattr(model, "set_output_bias") and bernoulli:
+    if cfg.output_bias_init and model.supports(OUTPUT_BIAS) and bernoulli:
         model.set_output_bias(dataset.train.mean(0))
     return model
 
