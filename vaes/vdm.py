@@ -245,7 +245,10 @@ class DiffusionModel(LatentVariableModel):
         gammas = self.schedule.gamma(times)  # [n + 1]
         alpha2, sigma2 = alpha_sigma_squared(gammas)
         alpha, log_sigma = torch.sqrt(alpha2), torch.log(sigma2) / 2
-        eps = source.normal(y.shape, torch.float64)
+        # The noise is drawn in float32 (torch makes float32 normals about 5x faster than float64 on CPU, and
+        # drawing was a third of a trajectory's time) and used in float64: each draw is an exact number whose
+        # densities below are computed for that number, so the weights stay exact.
+        eps = source.normal(y.shape, torch.float32).double()
         z = alpha[n] * y + torch.exp(log_sigma[n]) * eps  # z_1 ~ q(z_1 | x), [K, B, D]
         log_prior = {self.layers[0]: standard_normal_log_prob(z)}
         log_posterior = {self.layers[0]: noise_log_prob(eps, y.shape[-1] * log_sigma[n])}
@@ -259,7 +262,7 @@ class DiffusionModel(LatentVariableModel):
             eps_hat = self.denoiser(z, times[i].expand(rows), gammas[i].expand(rows))
             ratio = alpha[i - 1] / alpha[i]
             log_std = log_sigma[i - 1] + torch.log(c) / 2
-            noise = source.normal(y.shape, torch.float64)
+            noise = source.normal(y.shape, torch.float32).double()
             mean_shift = ratio * sigma_t * c * (eps_hat - eps_true) / torch.exp(log_std)  # (mean_q - mean_p) / std
             z = ratio * (z - sigma_t * c * eps_true) + torch.exp(log_std) * noise
             name = f"z{i - 1}"
