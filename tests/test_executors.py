@@ -24,6 +24,7 @@ import torch
 from bench.cli import main
 from bench.plan.fits import prepare
 from bench.plan.suite import load_suite
+from bench.run import threads as threads_module
 from bench.run.evaluate import TIMING_METRICS
 from bench.run.executors import ExecutorSettings, configure
 from bench.run.threads import idle_cores, plan_parallelism
@@ -87,6 +88,7 @@ def test_defaults_never_oversubscribe_the_cores(monkeypatch):
     assert plan_parallelism(8, workers=3, cores=2) == (3, 1)  # asked for: taken as asked
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(threads_module, "_cpu_jiffies", lambda: None)  # no /proc/stat: the load average
     monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 1.0, 1.0))  # one core busy with other work
     assert idle_cores() == 3 and plan_parallelism(8).workers == 3
     monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # a crowded machine: still one worker
@@ -97,6 +99,22 @@ def test_defaults_never_oversubscribe_the_cores(monkeypatch):
     assert configure("auto", n_fits=8, device=cuda).name == "serial"  # fits would share one GPU's memory
     assert configure("serial", n_fits=8, device=cpu, threads=2) == ExecutorSettings("serial", 1, 2)
     assert configure("ray", n_fits=8, device=cpu).workers is None  # Ray's CPUs limit the fits in flight
+
+
+def test_busy_cores_are_measured_now_on_this_process_cpus(monkeypatch):
+    """/proc/stat over a short window, on the affinity mask's CPUs only; a high load average left by a run
+    that just ended does not make an idle machine look busy."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    monkeypatch.setattr(threads_module.time, "sleep", lambda s: None)
+    # (busy, total) ticks per CPU before and after: cpu0 fully busy, cpu1 40% busy, cpu2 idle, cpu3 (not
+    # ours) fully busy
+    samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0), 3: (0, 0)},
+                    {0: (100, 100), 1: (40, 100), 2: (0, 100), 3: (100, 100)}])
+    monkeypatch.setattr(threads_module, "_cpu_jiffies", lambda: next(samples))
+    assert threads_module.busy_cores() == pytest.approx(1.4)
+    samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0)}, {0: (100, 100), 1: (40, 100), 2: (0, 100)}])
+    assert idle_cores() == 2
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -13,30 +13,73 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 
-def available_cores() -> int:
+def available_cpus() -> set[int]:
     """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return os.sched_getaffinity(0)
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    """How many CPUs this process may run on."""
+    return len(available_cpus())
+
+
+def _cpu_jiffies() -> dict[int, tuple[int, int]] | None:
+    """Per CPU, (busy, total) clock ticks since boot from /proc/stat; None where there is none (not Linux)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    ticks = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            # user nice system idle iowait irq softirq steal: guest time is already inside user
+            values = [int(v) for v in fields[:8]]
+            total = sum(values)
+            ticks[int(name[3:])] = (total - values[3] - values[4], total)
+    return ticks or None
+
+
+def busy_cores(window_s: float = 0.3) -> float:
+    """How many of this process's cores other work keeps busy now.
+
+    Measured over a short window from /proc/stat (this process sleeps through it), not from the load
+    average: that is a minute's decaying mean, so right after a run ends it still counts the run's workers
+    and an idle machine would look busy for a minute or more. Without /proc/stat, the 1-minute load average.
+    """
+    before = _cpu_jiffies()
+    if before is None:
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform either
+            return 0.0
+    time.sleep(window_s)
+    after = _cpu_jiffies() or {}
+    busy = 0.0
+    for cpu in available_cpus():
+        if cpu in before and cpu in after:
+            total = after[cpu][1] - before[cpu][1]
+            busy += (after[cpu][0] - before[cpu][0]) / total if total > 0 else 0.0
+    return busy
 
 
 def idle_cores() -> int:
-    """The available cores less those other work keeps busy (the 1-minute load average, rounded), at least one.
+    """The available cores less those other work keeps busy (busy_cores, rounded), at least one.
 
     On a shared machine a second worker only competes with the jobs already there: on 2 cores with two
     other busy processes, two workers ran the default suite slower than one.
     """
-    try:
-        busy = round(os.getloadavg()[0])
-    except (AttributeError, OSError):  # no load average on this platform
-        busy = 0
-    return max(1, available_cores() - busy)
+    return max(1, available_cores() - round(busy_cores()))
 
 
 class Parallelism(NamedTuple):
