@@ -117,6 +117,13 @@ def test_busy_cores_are_measured_now_on_this_process_cpus(monkeypatch):
     assert idle_cores() == 2
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="no /proc/stat here (not Linux)")
+def test_proc_stat_gives_every_cpu_of_this_process_its_ticks():
+    ticks = threads_module._cpu_jiffies()
+    assert threads_module.available_cpus() <= set(ticks)
+    assert all(0 <= busy <= total for busy, total in ticks.values())
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--workers", "0"], "--workers: must be an integer >= 1, got 0"),
     (["--executor", "serial", "--workers", "2"], "--executor serial runs one fit at a time"),

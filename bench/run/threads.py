@@ -41,10 +41,13 @@ def _cpu_jiffies() -> dict[int, tuple[int, int]] | None:
         return None
     ticks = {}
     for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
+        name, *fields = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 8:
             # user nice system idle iowait irq softirq steal: guest time is already inside user
-            values = [int(v) for v in fields[:8]]
+            try:
+                values = [int(v) for v in fields[:8]]
+            except ValueError:  # not the format this reads: fall back to the load average
+                return None
             total = sum(values)
             ticks[int(name[3:])] = (total - values[3] - values[4], total)
     return ticks or None
