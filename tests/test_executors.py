@@ -115,6 +115,9 @@ def test_busy_cores_are_measured_now_on_this_process_cpus(monkeypatch):
     assert threads_module.busy_cores() == pytest.approx(1.4)
     samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0)}, {0: (100, 100), 1: (40, 100), 2: (0, 100)}])
     assert idle_cores() == 2
+    # one fit, or one core's worth of threads: one worker without measuring (no /proc/stat read, no sleep)
+    monkeypatch.setattr(threads_module, "_cpu_jiffies", lambda: pytest.fail("measured the load needlessly"))
+    assert plan_parallelism(1).workers == 1 and plan_parallelism(8, threads=3).workers == 1
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="no /proc/stat here (not Linux)")

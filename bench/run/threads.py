@@ -99,6 +99,8 @@ def plan_parallelism(n_fits: int, *, workers: int | None = None, threads: int | 
     """
     threads = threads or 1
     if workers is None:
+        if cores is None and min(n_fits, available_cores() // threads) <= 1:
+            cores = threads  # one fit at a time whatever the load: skip measuring it (busy_cores sleeps 0.3 s)
         workers = max(1, min(n_fits, (cores or idle_cores()) // threads))
     return Parallelism(workers, threads)
 
