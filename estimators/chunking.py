@@ -22,11 +22,15 @@ from vaes.base import LatentVariableModel, LogWeights, check_k
 # 4 MB, 1.06-1.29x.
 DEFAULT_CPU_BUDGET_MB = 2
 # A chunk holds at least this many draw rows (draws x examples), as one draw of a batch this
-# large would. Below it a chunk's many small ops cost more in per-call overhead than its
-# memory is worth: a T = 8 VDM on 16 examples takes 2.2 s for K = 5,000 in chunks of 3 draws
-# (its 2 MB budget), 1.4 s in chunks of 8 and 1.1 s in chunks of 32 (512 rows). Batches of
-# this size or more are not affected.
+# large would, and at least MIN_CHUNK_ELEMENTS numbers per data-sized [rows, D] tensor. Below
+# that a chunk's many small ops cost more in per-call overhead than its memory is worth: a
+# T = 8 VDM on 16 examples takes 2.2 s for K = 5,000 in chunks of 3 draws (its 2 MB budget),
+# 1.4 s in chunks of 8 and 1.1 s in chunks of 32 (512 rows); the T = 32 oracle on the 2-d
+# mixture (125 examples, K = 1,000) takes 2.2 s in chunks of 5 draws (512 rows) and 1.2 s in
+# chunks of 132 (32,768 numbers per [rows, 2] tensor). Batches of MIN_CHUNK_ROWS examples or
+# more and data of 64 dimensions or more are held to the row floor alone.
 MIN_CHUNK_ROWS = 512
+MIN_CHUNK_ELEMENTS = 32_768
 # On CUDA the budget is this fraction of the memory free when the estimate starts.
 CUDA_FREE_FRACTION = 0.5
 BUDGET_ENV = "ELBO_BENCH_MEMORY_BUDGET_MB"
@@ -60,10 +64,12 @@ def check_chunk(chunk: int | None) -> None:
 
 def choose_chunk(model: LatentVariableModel, x: Tensor, k: int, budget_bytes: int | None = None) -> int:
     """The largest number of draws per chunk whose footprint fits the budget, at most K and at
-    least MIN_CHUNK_ROWS rows (one draw for batches of that size or more)."""
+    least MIN_CHUNK_ROWS rows and MIN_CHUNK_ELEMENTS numbers of data per chunk (one draw for
+    batches of that size or more)."""
     budget = memory_budget_bytes(x.device) if budget_bytes is None else budget_bytes
     per_draw = max(1, model.draw_nbytes(x))
-    floor = math.ceil(MIN_CHUNK_ROWS / x.shape[0])
+    batch, data_dim = x.shape
+    floor = math.ceil(max(MIN_CHUNK_ROWS, MIN_CHUNK_ELEMENTS / data_dim) / batch)
     return min(k, max(floor, budget // per_draw))
 
 

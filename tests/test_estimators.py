@@ -13,7 +13,7 @@ import torch
 
 import estimators as E
 import vaes
-from estimators.chunking import BUDGET_ENV, MIN_CHUNK_ROWS, choose_chunk
+from estimators.chunking import BUDGET_ENV, MIN_CHUNK_ELEMENTS, MIN_CHUNK_ROWS, choose_chunk
 from estimators.diffusion import reduce_diffusion_draws
 from estimators.estimate import RunningLogMeanExp, RunningMoments
 from vaes.base import DiffusionDraws, LatentVariableModel, LogWeights, MissingCapability, UnknownChoice, choose
@@ -167,6 +167,12 @@ def test_chunk_is_chosen_from_the_memory_budget(monkeypatch):
     assert choose_chunk(model, torch.zeros(MIN_CHUNK_ROWS, 784), 5000, budget_bytes=1) == 1
     assert choose_chunk(model, x, 3, budget_bytes=1) == 3
     assert choose_chunk(model, x, 3, budget_bytes=10**12) == 3
+    # On 2-dimensional data it holds MIN_CHUNK_ELEMENTS numbers per [rows, 2] tensor: 16,384 rows, 132 draws
+    # of 125 examples (not the 5 of the row floor), and one draw of a batch of 16,384.
+    small = vaes.create_model("vae", data_dim=2, likelihood="gaussian")
+    floor = choose_chunk(small, torch.zeros(125, 2), 5000, budget_bytes=1)
+    assert floor == math.ceil(MIN_CHUNK_ELEMENTS / 2 / 125) == 132
+    assert choose_chunk(small, torch.zeros(MIN_CHUNK_ELEMENTS // 2, 2), 5000, budget_bytes=1) == 1
     monkeypatch.setenv(BUDGET_ENV, str(40 * per_draw / 2**20))
     assert choose_chunk(model, x, 5000) == 40
     monkeypatch.setenv(BUDGET_ENV, "lots")

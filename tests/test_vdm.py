@@ -58,6 +58,24 @@ def test_defaults_log_weights_shapes_finite_and_backward(likelihood, data, time)
     assert model.schedule.ends.grad.abs().min() > 0  # the end points are learned through the ELBO
 
 
+def test_a_trajectory_step_is_the_network_at_one_time():
+    """``at_times`` folds the time features into the first layer's bias; it is the network itself (float32
+    rounding apart) at every time, and training through log_weights reaches the time columns through it."""
+    model = create_model("vdm", data_dim=8, likelihood="bernoulli", hidden=(16, 16))
+    _random_network(model)
+    times = torch.linspace(0, 1, 5, dtype=torch.float64)
+    gammas = model.schedule.gamma(times)
+    z = torch.randn(3, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for t, gamma, at_one_time in zip(times, gammas, model.denoiser.at_times(times, gammas), strict=True):
+        expected = model.denoiser(z, t.expand(3, 4), gamma.expand(3, 4))
+        assert expected.std() > 0.1
+        assert torch.allclose(at_one_time(z), expected, rtol=0, atol=1e-5)
+    estimators.training_objective(model, _binary(6, 8), Objective("elbo", k=2)).mean().backward()
+    time_columns = model.denoiser.net[0].weight.grad[:, 8:]
+    assert time_columns.abs().min() > 0 and torch.isfinite(time_columns).all()
+    assert model.schedule.ends.grad.abs().min() > 0
+
+
 def test_loss_terms_backward_and_fixed_end_points():
     model = create_model("vdm", data_dim=8, likelihood="bernoulli", learn_endpoints=False, hidden=(16,))
     assert "ends" not in dict(model.named_parameters())

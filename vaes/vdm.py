@@ -22,9 +22,11 @@ Decoders p(x | z_0), both without parameters:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -184,11 +186,31 @@ class NoisePredictionMLP(nn.Module):
         features = torch.cat([z.to(dtype), torch.sin(angles), torch.cos(angles)], dim=-1)
         return self.net(features).double()
 
+    def at_times(self, times: Tensor, gammas: Tensor) -> list[Callable[[Tensor], Tensor]]:
+        """``forward`` for rows that all share one time, one function of z [..., D] per time of ``times``:
+        the time features enter the first layer as a bias, computed here once for every time."""
+        first = self.net[0]
+        dtype = first.weight.dtype
+        angles = times.to(dtype)[:, None] * self.frequencies.to(dtype)
+        data_dim = first.in_features - angles.shape[-1] * 2
+        time_bias = torch.addmm(first.bias, torch.cat([torch.sin(angles), torch.cos(angles)], -1),
+                                first.weight[:, data_dim:].T)  # [T, hidden]
+        data_weight = first.weight[:, :data_dim]
+        return [partial(self._at_one_time, weight=data_weight, bias=bias) for bias in time_bias]
+
+    def _at_one_time(self, z: Tensor, *, weight: Tensor, bias: Tensor) -> Tensor:
+        h = nn.functional.linear(z.to(weight.dtype), weight, bias)
+        for layer in itertools.islice(self.net, 1, None):
+            h = layer(h)
+        return h.double()
+
 
 # --- the model ------------------------------------------------------------------------------------------
 
 class DiffusionModel(LatentVariableModel):
-    """A VDM with any denoiser: ``denoiser(z_t [..., D], t [...], gamma_t [...]) -> eps_hat [..., D]`` (float64).
+    """A VDM with any denoiser: ``denoiser(z_t [..., D], t [...], gamma_t [...]) -> eps_hat [..., D]`` (float64),
+    and ``denoiser.at_times(times [n], gammas [n])``, one function z [..., D] -> eps_hat per time, for the
+    steps of a trajectory, whose rows all share a time.
 
     The learned ``vdm`` plugs in an MLP; ``vdm-oracle`` the closed-form optimal denoiser.
     Stochastic quantities are float64 (the schedule's small steps need it).
@@ -239,35 +261,49 @@ class DiffusionModel(LatentVariableModel):
             yield self._trajectory_log_weights(x, y, source)
 
     def _trajectory_log_weights(self, x: Tensor, y: Tensor, source: DrawNoise) -> LogWeights:
-        """Log weights of the chunk's whole trajectories z_1, ..., z_0, their noise from ``source``."""
-        n = self.trajectory_steps
+        """Log weights of the chunk's whole trajectories z_1, ..., z_0, their noise from ``source``.
+
+        A step t -> s draws z_s = keep z_t + pull y + std noise from q(z_s | z_t, x); p(z_s | z_t) has
+        the same law with eps_hat(z_t) in place of the true noise eps = (z_t - alpha_t y) / sigma_t, so
+        its mean is shifted by shift (eps_hat - eps) standard deviations, and both log densities come
+        from one standard-normal form: log q = log N(noise), log p = log N(noise + shift (eps_hat - eps)).
+        Every coefficient, and every term of y alone ([B, D]), is computed once per chunk for all steps;
+        the loop holds only the [K, B, D] work, as few passes as fused multiply-adds allow (per-operation
+        overhead and memory passes set a step's time on small data)."""
+        n, dim = self.trajectory_steps, y.shape[-1]
         times = torch.arange(n + 1, dtype=torch.float64, device=y.device) / n
         gammas = self.schedule.gamma(times)  # [n + 1]
         alpha2, sigma2 = alpha_sigma_squared(gammas)
-        alpha, log_sigma = torch.sqrt(alpha2), torch.log(sigma2) / 2
+        alpha, sigma = torch.sqrt(alpha2), torch.sqrt(sigma2)
+        # step i (t = i/n, s = (i-1)/n) at index i - 1: q(z_s | z_t, x) = N(ratio ((1 - c) z_t + c alpha_t y),
+        # sigma_s^2 c) with c = 1 - exp(gamma_s - gamma_t) and ratio = alpha_s / alpha_t
+        kept = torch.exp(gammas[:-1] - gammas[1:])  # 1 - c
+        c, ratio = -torch.expm1(gammas[:-1] - gammas[1:]), alpha[:-1] / alpha[1:]
+        std = sigma[:-1] * torch.sqrt(c)
+        keep, pull, shift = ratio * kept, ratio * c * alpha[1:], ratio * c * sigma[1:] / std
+        # the y terms of each step, [B, D] (not [K, B, D]): eps = z_t / sigma_t - alpha_t y / sigma_t, so
+        # noise + shift (eps_hat - eps) = noise + shift alpha_t y / sigma_t + shift eps_hat - (shift / sigma_t) z_t
+        prior_offset = ((shift * alpha[1:] / sigma[1:])[:, None, None] * y).unbind()
+        pulled = (pull[:, None, None] * y).unbind()
+        steps = [tuple(row) for row in torch.stack([keep, shift, -shift / sigma[1:], std, dim * torch.log(std)]).T]
+        denoise_at = self.denoiser.at_times(times, gammas)  # eps_hat(z) at each time
+
         # The noise is drawn in float32 (torch makes float32 normals about 5x faster than float64 on CPU, and
         # drawing was a third of a trajectory's time) and used in float64: each draw is an exact number whose
         # densities below are computed for that number, so the weights stay exact.
         eps = source.normal(y.shape, torch.float32).double()
-        z = alpha[n] * y + torch.exp(log_sigma[n]) * eps  # z_1 ~ q(z_1 | x), [K, B, D]
+        z = alpha[n] * y + sigma[n] * eps  # z_1 ~ q(z_1 | x), [K, B, D]
         log_prior = {self.layers[0]: standard_normal_log_prob(z)}
-        log_posterior = {self.layers[0]: noise_log_prob(eps, y.shape[-1] * log_sigma[n])}
-        rows = z.shape[:-1]
+        log_posterior = {self.layers[0]: noise_log_prob(eps, dim * torch.log(sigma[n]))}
         for i in range(n, 0, -1):
-            # q(z_s | z_t, x) = N((alpha_s/alpha_t)(z_t - sigma_t c eps), sigma_s^2 c), c = 1 - exp(gamma_s - gamma_t),
-            # with eps the true noise (z_t - alpha_t y)/sigma_t; p(z_s | z_t) puts eps_hat in its place.
-            c = -torch.expm1(gammas[i - 1] - gammas[i])
-            sigma_t = torch.exp(log_sigma[i])
-            eps_true = (z - alpha[i] * y) / sigma_t
-            eps_hat = self.denoiser(z, times[i].expand(rows), gammas[i].expand(rows))
-            ratio = alpha[i - 1] / alpha[i]
-            log_std = log_sigma[i - 1] + torch.log(c) / 2
+            keep_i, shift_i, minus_shift_over_sigma_i, std_i, log_det_i = steps[i - 1]
+            eps_hat = denoise_at[i](z)
             noise = source.normal(y.shape, torch.float32).double()
-            mean_shift = ratio * sigma_t * c * (eps_hat - eps_true) / torch.exp(log_std)  # (mean_q - mean_p) / std
-            z = ratio * (z - sigma_t * c * eps_true) + torch.exp(log_std) * noise
-            name = f"z{i - 1}"
-            log_posterior[name] = noise_log_prob(noise, y.shape[-1] * log_std)
-            log_prior[name] = noise_log_prob(noise + mean_shift, y.shape[-1] * log_std)
+            prior_noise = torch.addcmul(torch.addcmul(noise + prior_offset[i - 1], eps_hat, shift_i),
+                                        z, minus_shift_over_sigma_i)
+            z = torch.addcmul(torch.addcmul(pulled[i - 1], z, keep_i), noise, std_i)
+            log_posterior[f"z{i - 1}"] = noise_log_prob(noise, log_det_i)
+            log_prior[f"z{i - 1}"] = noise_log_prob(prior_noise, log_det_i)
         log_likelihood = self.coding.log_likelihood(x, z, gammas[0])
         return LogWeights(log_likelihood, log_prior, log_posterior)
 
