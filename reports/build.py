@@ -136,8 +136,8 @@ def build_report(run_dirs: list[Path], *, formats: Iterable[str] = DEFAULT_FORMA
     formats = check_formats(formats)
     run_dirs = [Path(d) for d in run_dirs]
     results = load_results(run_dirs)
-    tables = build_tables(results)
     summary = summarize(results)
+    tables = build_tables(results, summary)
     tables += published_tables(summary)  # empty unless a published row's model was measured
     if not tables:
         n_ok = len(ok_rows(results))

@@ -275,9 +275,11 @@ def not_applicable(df: pd.DataFrame, s: pd.DataFrame, table: ComparisonTable) ->
     return found
 
 
-def build_tables(df: pd.DataFrame) -> list[ComparisonTable]:
-    """Every comparison table of a results frame: per (dataset, split) in nats, and in bits/dim for discrete data."""
-    summary = summarize(df)
+def build_tables(df: pd.DataFrame, summary: pd.DataFrame | None = None) -> list[ComparisonTable]:
+    """Every comparison table of a results frame: per (dataset, split) in nats, and in bits/dim for discrete data.
+
+    ``summary`` is ``summarize(df)``, where the caller has it already (it costs seconds on a full run)."""
+    summary = summarize(df) if summary is None else summary
     tables = []
     if summary.empty:
         return tables
