@@ -285,7 +285,7 @@ class DiffusionModel(LatentVariableModel):
         # noise + shift (eps_hat - eps) = noise + shift alpha_t y / sigma_t + shift eps_hat - (shift / sigma_t) z_t
         prior_offset = ((shift * alpha[1:] / sigma[1:])[:, None, None] * y).unbind()
         pulled = (pull[:, None, None] * y).unbind()
-        steps = [tuple(row) for row in torch.stack([keep, shift, -shift / sigma[1:], std, dim * torch.log(std)]).T]
+        steps = list(zip(*(v.unbind() for v in (keep, shift, -shift / sigma[1:], std, dim * torch.log(std)))))
         denoise_at = self.denoiser.at_times(times, gammas)  # eps_hat(z) at each time
 
         # The noise is drawn in float32 (torch makes float32 normals about 5x faster than float64 on CPU, and

@@ -80,14 +80,16 @@ class MixtureDenoiser(nn.Module):
         scaled_means = means * precision
         constant = self.log_weights - 0.5 * ((means * scaled_means).sum(-1) - torch.log(precision).sum(-1)
                                              + self.means.shape[-1] * LOG_2PI)  # [T, C]
+        scale = torch.sqrt(sigma2).flatten()  # sigma_t
+        per_time = zip(precision.unbind(), scaled_means.unbind(), constant.unbind(), scale.unbind(), strict=True)
         return [partial(_mixture_denoiser_at_one_time, precision=p, scaled_means=m, constant=c, scale=s)
-                for p, m, c, s in zip(precision, scaled_means, constant, torch.sqrt(sigma2).flatten(), strict=True)]
+                for p, m, c, s in per_time]
 
 
 def _mixture_denoiser_at_one_time(z: Tensor, *, precision: Tensor, scaled_means: Tensor, constant: Tensor,
                                   scale: Tensor) -> Tensor:
     """eps_hat(z) at one time from its [C, D] precision, scaled means and [C] constant (``at_times``)."""
-    rows = z.reshape(-1, z.shape[-1])
+    rows = z.double().reshape(-1, z.shape[-1])
     log_joint = torch.addmm(constant, rows, scaled_means.T).addmm_(rows.square(), precision.T, alpha=-0.5)
     # softmax over the few components by hand: torch.softmax over a last dimension of 5 is 5x slower
     responsibility = (log_joint - log_joint.amax(-1, keepdim=True)).exp_()
