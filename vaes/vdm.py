@@ -180,23 +180,25 @@ class NoisePredictionMLP(nn.Module):
             self.net[-1].bias.zero_()
         self.floats_per_row = sum(sizes)  # activations of one row, for memory estimates
 
-    def forward(self, z: Tensor, t: Tensor, gamma: Tensor) -> Tensor:
+    def _time_features(self, t: Tensor) -> Tensor:
+        """[sin(pi 2^j t), cos(pi 2^j t)] in the network's dtype, [..., 2 * fourier_features]."""
         dtype = self.net[0].weight.dtype
         angles = t.to(dtype)[..., None] * self.frequencies.to(dtype)
-        features = torch.cat([z.to(dtype), torch.sin(angles), torch.cos(angles)], dim=-1)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def forward(self, z: Tensor, t: Tensor, gamma: Tensor) -> Tensor:
+        features = torch.cat([z.to(self.net[0].weight.dtype), self._time_features(t)], dim=-1)
         return self.net(features).double()
 
     def at_times(self, times: Tensor, gammas: Tensor) -> list[Callable[[Tensor], Tensor]]:
         """``forward`` for rows that all share one time, one function of z [..., D] per time of ``times``:
         the time features enter the first layer as a bias, computed here once for every time."""
         first = self.net[0]
-        dtype = first.weight.dtype
-        angles = times.to(dtype)[:, None] * self.frequencies.to(dtype)
-        data_dim = first.in_features - angles.shape[-1] * 2
-        time_bias = torch.addmm(first.bias, torch.cat([torch.sin(angles), torch.cos(angles)], -1),
-                                first.weight[:, data_dim:].T)  # [T, hidden]
+        features = self._time_features(times)  # [T, 2F]
+        data_dim = first.in_features - features.shape[-1]
+        time_bias = torch.addmm(first.bias, features, first.weight[:, data_dim:].T)  # [T, hidden]
         data_weight = first.weight[:, :data_dim]
-        return [partial(self._at_one_time, weight=data_weight, bias=bias) for bias in time_bias]
+        return [partial(self._at_one_time, weight=data_weight, bias=bias) for bias in time_bias.unbind()]
 
     def _at_one_time(self, z: Tensor, *, weight: Tensor, bias: Tensor) -> Tensor:
         h = nn.functional.linear(z.to(weight.dtype), weight, bias)
@@ -277,8 +279,8 @@ class DiffusionModel(LatentVariableModel):
         alpha, sigma = torch.sqrt(alpha2), torch.sqrt(sigma2)
         # step i (t = i/n, s = (i-1)/n) at index i - 1: q(z_s | z_t, x) = N(ratio ((1 - c) z_t + c alpha_t y),
         # sigma_s^2 c) with c = 1 - exp(gamma_s - gamma_t) and ratio = alpha_s / alpha_t
-        kept = torch.exp(gammas[:-1] - gammas[1:])  # 1 - c
-        c, ratio = -torch.expm1(gammas[:-1] - gammas[1:]), alpha[:-1] / alpha[1:]
+        gamma_drop = gammas[:-1] - gammas[1:]  # gamma_s - gamma_t < 0
+        kept, c, ratio = torch.exp(gamma_drop), -torch.expm1(gamma_drop), alpha[:-1] / alpha[1:]  # kept = 1 - c
         std = sigma[:-1] * torch.sqrt(c)
         keep, pull, shift = ratio * kept, ratio * c * alpha[1:], ratio * c * sigma[1:] / std
         # the y terms of each step, [B, D] (not [K, B, D]): eps = z_t / sigma_t - alpha_t y / sigma_t, so
